@@ -1,0 +1,28 @@
+# The two commands of the README: `make train` and `make test`. Both create .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= demo
+
+.PHONY: venv train test lint clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+train: venv
+	$(BIN)/python launch/train.py --config $(CONFIG) --workdir workdirs/$(CONFIG)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf workdirs .pytest_cache .ruff_cache

@@ -1,0 +1,210 @@
+"""Named configs: `configs/<name>.py` defines `get_config()` returning a ConfigDict.
+
+A config is the whole description of an experiment. Launchers load one by name and apply
+`--config.a.b=value` overrides through `override()`; a key that does not exist is an error
+that names the nearest valid keys, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config name, key or value that cannot be used."""
+
+
+def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in config_dir.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_config(name: str, config_dir: Path = CONFIG_DIR) -> ml_collections.ConfigDict:
+    """Loads `configs/<name>.py` (or a path to a .py file) and returns its locked config."""
+    path = Path(name) if name.endswith(".py") else config_dir / f"{name}.py"
+    if not path.is_file():
+        names = available_configs(config_dir)
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"No config named {name!r}.{hint} Available: {', '.join(names)}.")
+    spec = importlib.util.spec_from_file_location(f"jaxclip_configs.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.name = path.stem
+    cfg.lock()
+    return cfg
+
+
+def _is_node(value: Any) -> bool:
+    return isinstance(value, Mapping | ml_collections.ConfigDict)
+
+
+def flat_keys(cfg: Mapping, prefix: str = "") -> list[str]:
+    """All dotted leaf keys, e.g. ['model.image.variant', 'optim.lr', ...]."""
+    keys = []
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if _is_node(value):
+            keys.extend(flat_keys(value, dotted + "."))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def _unknown_key_error(cfg: ml_collections.ConfigDict, dotted: str) -> ConfigError:
+    valid = flat_keys(cfg)
+    close = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.5)
+    if not close:  # match on the last component, e.g. 'batchsize' -> 'data.batch_size'
+        leaf = dotted.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, by_leaf, n=3, cutoff=0.6)]
+    hint = f" Nearest valid keys: {', '.join(close)}." if close else ""
+    return ConfigError(f"Unknown config key {dotted!r} in config {cfg.get('name')!r}.{hint}")
+
+
+def _parse_value(raw: str, current: Any, dotted: str) -> Any:
+    """Parses a command-line string with the type of the value it replaces."""
+    if isinstance(current, bool):
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{dotted} expects true/false, got {raw!r}.")
+    if isinstance(current, int):
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"--config.{dotted} expects an integer, got {raw!r}.") from None
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{dotted} expects a number, got {raw!r}.") from None
+    if isinstance(current, str):
+        return raw
+    # None, tuples, lists: a Python literal, falling back to the plain string.
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def override(cfg: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+    """Sets `cfg.<dotted>` from the string `raw`, typed like the current value."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for part in parents:
+        if part not in node or not _is_node(node[part]):
+            raise _unknown_key_error(cfg, dotted)
+        node = node[part]
+    if leaf not in node or _is_node(node[leaf]):
+        raise _unknown_key_error(cfg, dotted)
+    with cfg.unlocked():
+        node[leaf] = _parse_value(raw, node[leaf], dotted)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]) -> None:
+    for dotted, raw in overrides:
+        override(cfg, dotted, raw)
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_dict(values: Mapping) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(dict(values))
+    cfg.lock()
+    return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a config may set, with defaults. Named configs start from this."""
+    c = ml_collections.ConfigDict()
+    c.name = ""
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    m.embed_dim = 512
+    m.act = "quick_gelu"  # OpenAI CLIP's activation; "gelu" for the exact one
+    m.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
+    m.scan_layers = True  # one compiled block for all layers (fast compiles at depth)
+    m.remat = False  # gradient checkpointing per block
+    m.init_logit_scale = float(np.log(1 / 0.07))
+    m.max_logit_scale = 100.0
+    m.logit_bias = ml_collections.FieldReference(None, field_type=float)
+    m.image = ml_collections.ConfigDict(dict(variant="B/16", pool="cls"))
+    # vocab_size 0 = the tokenizer's size; set it to keep the embedding table at a fixed size.
+    m.text = ml_collections.ConfigDict(
+        dict(width=512, depth=12, heads=8, context_length=77, vocab_size=0)
+    )
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "shapes"
+    d.image_size = 224
+    d.batch_size = 256  # global, over all processes
+    d.tokenizer = "shapes"  # "shapes" or a path to a tokenizers JSON file
+    d.context_length = 77
+    d.seed = 0
+    d.worker_count = 0  # grain worker processes per host (0 = in the main process)
+    d.prefetch = 2  # batches buffered per worker
+    d.shapes = ml_collections.ConfigDict(
+        dict(
+            num_train=1_000_000, num_eval=512, max_objects=3, caption_style="mixed", noise_prob=0.0
+        )
+    )
+
+    c.loss = ml_collections.ConfigDict(dict(kind="contrastive", positive_weight=0.0, chunk_size=0))
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 5e-4
+    o.warmup_steps = 2000
+    o.end_lr_fraction = 0.0
+    o.b1, o.b2, o.eps = 0.9, 0.98, 1e-6
+    o.weight_decay = 0.2
+    o.grad_clip_norm = 0.0  # 0 = off
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.log_every = 10
+    t.eval_every = 500
+    t.checkpoint_every = 500
+    t.keep_checkpoints = 3
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.tasks = (
+        "zeroshot_shape",
+        "zeroshot_colour",
+        "zeroshot_combo_seen",
+        "zeroshot_combo_heldout",
+        "retrieval",
+    )
+    e.num_examples = 512
+    e.batch_size = 256
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # logical axis -> mesh axis (None = replicated).
+    c.mesh.rules = (
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        ("kv", None),
+        ("proj", None),
+        ("layers", None),
+        ("norm", None),
+    )
+    return c

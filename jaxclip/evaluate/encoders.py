@@ -1,0 +1,66 @@
+"""Batched, jitted image and text encoders over a model's current parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxclip import mesh as mesh_lib
+from jaxclip.data.tokenizer import Tokenizer
+from jaxclip.data.transforms import normalize_images
+
+
+class Encoders:
+    """Maps numpy images / caption strings to L2-normalized numpy embeddings.
+
+    Every process passes the same inputs (evaluation sets are small and deterministic);
+    batches are sharded over the mesh's batch axes and results come back replicated.
+    """
+
+    def __init__(
+        self,
+        graphdef,
+        params,
+        mesh: Mesh,
+        tokenizer: Tokenizer | None,
+        batch_size: int,
+        dtype=None,
+    ):
+        self.params, self.mesh, self.tokenizer = params, mesh, tokenizer
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.batch_size = max(shards, batch_size // shards * shards)
+        out = mesh_lib.replicated(mesh)
+
+        def image_fn(p, images):
+            model = nnx.merge(graphdef, p)
+            return model.encode_image(normalize_images(images, dtype or images.dtype))
+
+        def text_fn(p, tokens, mask):
+            return nnx.merge(graphdef, p).encode_text(tokens, mask)
+
+        self._image = jax.jit(image_fn, out_shardings=out)
+        self._text = jax.jit(text_fn, out_shardings=out)
+
+    def _batches(self, arrays: Sequence[np.ndarray], fn) -> np.ndarray:
+        n = len(arrays[0])
+        outputs = []
+        for start in range(0, n, self.batch_size):
+            chunk = [a[start : start + self.batch_size] for a in arrays]
+            valid = len(chunk[0])
+            pad = self.batch_size - valid
+            if pad:  # fixed shapes: one compilation for every batch
+                chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
+            placed = [jax.device_put(c, mesh_lib.batch_sharding(self.mesh, c.ndim)) for c in chunk]
+            outputs.append(np.asarray(fn(self.params, *placed))[:valid])
+        return np.concatenate(outputs)
+
+    def images(self, images: np.ndarray) -> np.ndarray:
+        return self._batches([images], self._image)
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        tokens, mask = self.tokenizer(list(texts))
+        return self._batches([tokens, mask], self._text)

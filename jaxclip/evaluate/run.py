@@ -1,0 +1,67 @@
+"""Restore a saved step and run the configured evaluators on it (used by launch/eval.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+from jaxclip import config as config_lib
+from jaxclip.checkpoint import Checkpointer, CheckpointError, abstract_like
+from jaxclip.evaluate import registry
+from jaxclip.evaluate.encoders import Encoders
+from jaxclip.models.build import compute_dtype
+
+
+def saved_config(
+    workdir: str | Path, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, int]:
+    """The config stored with `step` (default: the latest) of the run in `workdir`."""
+    checkpointer = Checkpointer(workdir)
+    steps = checkpointer.all_steps()
+    checkpointer.close()
+    if not steps:
+        raise CheckpointError(
+            f"No checkpoint in {Path(workdir) / 'checkpoints'}. Train first, e.g. "
+            f"python launch/train.py --config demo --workdir {workdir}"
+        )
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"No step {step} in {workdir}; saved steps: {steps}.")
+    cfg = config_lib.from_dict(Checkpointer(workdir).read_json(step, "config"))
+    return cfg, step
+
+
+def evaluate_checkpoint(
+    cfg: ml_collections.ConfigDict, workdir: str | Path, step: int, devices=None
+) -> dict[str, float]:
+    """Restores `step` onto the current devices (resharding) and evaluates it."""
+    from jaxclip.train import build  # the trainer's builder: one definition of the model
+
+    setup = build(cfg, devices)
+    checkpointer = Checkpointer(workdir)
+    target = abstract_like(setup.abstract_state, setup.state_shardings)
+    state = checkpointer.restore(step, target)
+    checkpointer.close()
+    encoders = Encoders(
+        setup.graphdef,
+        state["params"],
+        setup.mesh,
+        setup.tokenizer,
+        cfg.eval.batch_size,
+        compute_dtype(cfg.model),
+    )
+    return registry.run_all(registry.build_evaluators(cfg), encoders)
+
+
+def write_results(workdir: str | Path, step: int, results: dict[str, float]) -> Path:
+    path = Path(workdir) / f"eval_step_{step}.json"
+    path.write_text(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+    return path
+
+
+def format_table(results: dict[str, float]) -> str:
+    rows = [(k, v) for k, v in sorted(results.items())]
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k:<{width}}{v:.4f}" for k, v in rows)

@@ -1,0 +1,159 @@
+"""Device mesh, logical-axis rules and shardings.
+
+Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); the config maps
+logical names to mesh axes (`embed -> fsdp`, `mlp -> tensor`, ...). Nothing outside this
+module turns names into devices, so a model runs unchanged on 1 CPU, a GPU pod or a TPU slice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch is split over these axes; "tensor" replicates it.
+BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed() -> None:
+    """Starts JAX's multi-controller runtime when the environment describes several processes.
+
+    `jax.distributed.initialize()` reads SLURM's and Cloud TPU's variables by itself; we only
+    call it when such an environment is present so a laptop run stays single-process.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+        logging.info(
+            "jax.distributed initialized: process %d of %d",
+            jax.process_index(),
+            jax.process_count(),
+        )
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolves the mesh sizes from the config; at most one axis may be -1 (fill the rest)."""
+    shape = [int(sizes[a]) for a in MESH_AXES]
+    fill = [i for i, s in enumerate(shape) if s == -1]
+    if len(fill) > 1:
+        named = dict(zip(MESH_AXES, shape, strict=True))
+        raise ValueError(f"At most one mesh axis may be -1, got {named}.")
+    known = math.prod(s for s in shape if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(
+                f"Cannot fill mesh axis {MESH_AXES[fill[0]]!r}: {num_devices} devices are not "
+                f"divisible by the other axes' product {known}."
+            )
+        shape[fill[0]] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"Mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices "
+            f"but {num_devices} are available. Set one axis to -1 to fill, e.g. "
+            f"--config.mesh.shape.data=-1."
+        )
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int],
+    rules: Mapping[str, str | None],
+    mesh: Mesh,
+) -> PartitionSpec:
+    """Maps logical names to mesh axes; a dimension the axis does not divide is replicated."""
+    spec, used = [], set()
+    for name, dim in zip(logical_axes, shape, strict=True):
+        axis = rules.get(name) if name is not None else None
+        if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+            spec.append(None)
+            continue
+        used.add(axis)
+        spec.append(axis)
+    return PartitionSpec(*spec)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_specs(state: nnx.State, rules: Mapping[str, str | None], mesh: Mesh):
+    """PartitionSpecs (a pytree like `state`) from each parameter's `logical_axes`."""
+
+    def spec(var):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            return PartitionSpec()
+        return logical_to_spec(axes, value.shape, rules, mesh)
+
+    return jax.tree.map(spec, state, is_leaf=_is_variable)
+
+
+def named(mesh: Mesh, specs):
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension over (data, fsdp); every other dimension replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
+    """Rows this process must feed: its devices' share of the global batch."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards:
+        raise ValueError(
+            f"Global batch {global_batch} is not divisible by the {shards} batch shards "
+            f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})."
+        )
+    return global_batch // jax.process_count()
+
+
+def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Turns this process's numpy batch into global arrays sharded over the batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
+        for k, v in local.items()
+    }
+
+
+def bytes_per_device(tree, shardings) -> int:
+    """Largest per-device footprint of a (possibly abstract) pytree under `shardings`."""
+    per_device: dict[int, int] = {}
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+        shard = s.shard_shape(x.shape)
+        nbytes = math.prod(shard) * np.dtype(x.dtype).itemsize
+        for d in s.addressable_devices if hasattr(s, "addressable_devices") else s.device_set:
+            per_device[d.id] = per_device.get(d.id, 0) + nbytes
+    return max(per_device.values()) if per_device else 0
+
+
+def describe(mesh: Mesh) -> str:
+    axes = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
+    kind = mesh.devices.flat[0].platform
+    return f"{axes} ({mesh.devices.size} {kind} devices, {jax.process_count()} processes)"

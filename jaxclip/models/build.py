@@ -1,0 +1,54 @@
+"""Builds a model from the `model` section of a config."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jaxclip.models.text import TextTransformer
+from jaxclip.models.two_tower import TwoTower
+from jaxclip.models.vit import VisionTransformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(model_cfg: ml_collections.ConfigDict):
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}.")
+    return DTYPES[model_cfg.dtype]
+
+
+def build_model(
+    model_cfg: ml_collections.ConfigDict, *, image_size: int, vocab_size: int, rngs: nnx.Rngs
+) -> TwoTower:
+    """A CLIP two-tower model: ViT image tower + causal text transformer + logit scale."""
+    dtype = compute_dtype(model_cfg)
+    common = dict(scan=model_cfg.scan_layers, remat=model_cfg.remat, dtype=dtype, rngs=rngs)
+    image_cfg, text_cfg = model_cfg.image, model_cfg.text
+    image = VisionTransformer(
+        image_cfg.variant,
+        image_size=image_size,
+        pool=image_cfg.pool,
+        proj_dim=model_cfg.embed_dim,
+        act=model_cfg.act,
+        **common,
+    )
+    text = TextTransformer(
+        vocab_size=vocab_size,
+        context_length=text_cfg.context_length,
+        width=text_cfg.width,
+        depth=text_cfg.depth,
+        heads=text_cfg.heads,
+        proj_dim=model_cfg.embed_dim,
+        act=model_cfg.act,
+        **common,
+    )
+    return TwoTower(
+        image,
+        text,
+        init_logit_scale=model_cfg.init_logit_scale,
+        max_logit_scale=model_cfg.max_logit_scale,
+        logit_bias=model_cfg.logit_bias,
+        rngs=rngs,
+    )

@@ -1,0 +1,155 @@
+"""The CLIP two-tower model (image + text encoders, learned temperature) and param counting."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxclip.models.layers import DType, const_param, l2_normalize
+from jaxclip.models.text import TextTransformer
+from jaxclip.models.vit import VisionTransformer
+
+Array = jax.Array
+
+
+class TwoTower(nnx.Module):
+    """CLIP: L2-normalized image/text embeddings plus a learned logit scale (and optional bias).
+
+    text=None builds an image-only model (LIFT trains against stored text embeddings); then
+    `model(images)` returns just the image embeddings.
+    """
+
+    def __init__(
+        self,
+        image: VisionTransformer,
+        text: TextTransformer | None,
+        *,
+        init_logit_scale: float = math.log(1 / 0.07),
+        max_logit_scale: float = 100.0,
+        logit_bias: float | None = None,
+        rngs: nnx.Rngs | None = None,  # unused (constant inits); kept for a uniform signature
+    ):
+        if text is not None and text.out_dim != image.out_dim:
+            raise ValueError(f"image out_dim {image.out_dim} != text out_dim {text.out_dim}")
+        self.image = image
+        self.text = text
+        self.max_logit_scale = float(max_logit_scale)
+        # The scale is stored in log space; scale() exponentiates it.
+        self.logit_scale = const_param((), init_logit_scale, ())
+        self.logit_bias = None if logit_bias is None else const_param((), logit_bias, ())
+
+    def encode_image(self, images: Array) -> Array:
+        """(B, H, W, 3) -> unit-norm float32 (B, D)."""
+        features, _ = self.image(images)
+        return l2_normalize(features)
+
+    def encode_text(self, tokens: Array, mask: Array) -> Array:
+        """int (B, L) tokens and mask -> unit-norm float32 (B, D)."""
+        if self.text is None:
+            raise ValueError("this TwoTower has no text tower (text=None)")
+        features, _ = self.text(tokens, mask)
+        return l2_normalize(features)
+
+    def scale(self) -> Array:
+        """exp(logit_scale), clamped so the scale used never exceeds max_logit_scale."""
+        log_scale = self.logit_scale[...].astype(jnp.float32)
+        return jnp.exp(jnp.minimum(log_scale, math.log(self.max_logit_scale)))
+
+    def bias(self) -> Array | None:
+        return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)
+
+    def __call__(
+        self, images: Array, tokens: Array | None = None, mask: Array | None = None
+    ) -> dict[str, Any] | Array:
+        """Both towers -> dict(image, text, scale, bias); with text=None -> image embeddings."""
+        if self.text is None:
+            if tokens is not None:
+                raise ValueError("tokens given but this TwoTower has no text tower")
+            return self.encode_image(images)
+        if tokens is None or mask is None:
+            raise ValueError("tokens and mask are required when the model has a text tower")
+        return dict(
+            image=self.encode_image(images),
+            text=self.encode_text(tokens, mask),
+            scale=self.scale(),
+            bias=self.bias(),
+        )
+
+
+def count_params(module_or_state: Any) -> int:
+    """Number of scalar parameters in an nnx.Module (possibly abstract), an nnx.State or pytree."""
+    if isinstance(module_or_state, nnx.Module):
+        module_or_state = nnx.state(module_or_state, nnx.Param)
+    # Leaves may be arrays or ShapeDtypeStructs (from nnx.eval_shape); only shapes are needed.
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(module_or_state))
+
+
+def param_counts(model: TwoTower) -> dict[str, int]:
+    """dict(image=..., text=..., other=..., total=...); works on nnx.eval_shape models."""
+    total = count_params(model)
+    image = count_params(model.image)
+    text = count_params(model.text) if model.text is not None else 0
+    return dict(image=image, text=text, other=total - image - text, total=total)
+
+
+def build_clip(
+    image_variant: str = "B/16",
+    *,
+    image_size: int = 224,
+    embed_dim: int = 512,
+    pool: str = "cls",
+    text_width: int = 512,
+    text_depth: int = 12,
+    text_heads: int = 8,
+    vocab_size: int = 49408,
+    context_length: int = 77,
+    with_text: bool = True,
+    act: str = "quick_gelu",
+    scan: bool = True,
+    remat: bool = False,
+    dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32,
+    init_logit_scale: float = math.log(1 / 0.07),
+    max_logit_scale: float = 100.0,
+    logit_bias: float | None = None,
+    rngs: nnx.Rngs | None = None,
+    **image_overrides: Any,
+) -> TwoTower:
+    """Build a CLIP TwoTower; the defaults give OpenAI's ViT-B/16 (149,620,737 params).
+
+    with_text=False gives the image-only (LIFT) model. `image_overrides` passes width/depth/
+    heads/mlp_dim/ln_pre through to VisionTransformer. Wrap in `nnx.eval_shape(lambda: ...)`
+    for an abstract model without allocating.
+    """
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    common = dict(act=act, scan=scan, remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    image = VisionTransformer(
+        image_variant,
+        image_size=image_size,
+        pool=pool,
+        proj_dim=embed_dim,
+        **common,
+        **image_overrides,
+    )
+    text = None
+    if with_text:
+        text = TextTransformer(
+            vocab_size=vocab_size,
+            context_length=context_length,
+            width=text_width,
+            depth=text_depth,
+            heads=text_heads,
+            proj_dim=embed_dim,
+            **common,
+        )
+    return TwoTower(
+        image,
+        text,
+        init_logit_scale=init_logit_scale,
+        max_logit_scale=max_logit_scale,
+        logit_bias=logit_bias,
+    )

@@ -1,0 +1,60 @@
+"""AdamW with a warm-up + cosine schedule and decoupled weight decay on matrices only."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+# Parameters whose names end like this are never decayed, whatever their rank (PAPERS.md §1:
+# no decay on gains, biases, position embeddings or the logit scale).
+NO_DECAY_NAMES = ("pos_embed", "positional_embedding", "cls_token", "class_embedding")
+
+
+def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int):
+    warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim_cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim_cfg.lr * optim_cfg.end_lr_fraction,
+    )
+
+
+def decay_mask(state: nnx.State) -> dict:
+    """True for weight matrices, judged by logical axes so stacked layers count right.
+
+    A matrix has at least two axes besides "layers" and none of them is a LayerNorm's
+    "norm"; embeddings of position and class tokens are excluded by name.
+    """
+
+    def is_decayed(path, var) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        axes = var.get_metadata().get("logical_axes") or (None,) * var.get_value().ndim
+        dims = [a for a in axes if a != "layers"]
+        return len(dims) >= 2 and "norm" not in dims and not any(n in name for n in NO_DECAY_NAMES)
+
+    mask = jax.tree_util.tree_map_with_path(
+        is_decayed, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return nnx.to_pure_dict(mask)
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, mask: dict):
+    schedule = learning_rate_schedule(optim_cfg, total_steps)
+    chain = []
+    if optim_cfg.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+    chain.append(
+        optax.adamw(
+            schedule,
+            b1=optim_cfg.b1,
+            b2=optim_cfg.b2,
+            eps=optim_cfg.eps,
+            weight_decay=optim_cfg.weight_decay,
+            mask=mask,
+        )
+    )
+    return optax.chain(*chain), schedule

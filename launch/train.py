@@ -1,0 +1,61 @@
+"""Train a CLIP-family model from a named config.
+
+    python launch/train.py --config demo [--workdir DIR] [--config.key=value ...]
+    python launch/train.py --config vit_b16_clip --dry_run
+
+Resumes automatically from the latest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import _cli  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+flags.DEFINE_string("config", "demo", "Name of a config in configs/ (or a path to a .py file).")
+flags.DEFINE_string(
+    "workdir", None, "Checkpoints, metrics and logs go here (default workdirs/NAME)."
+)
+flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print sizes and exit.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    from jaxclip import mesh as mesh_lib
+    from jaxclip import train as train_lib
+    from jaxclip.checkpoint import CheckpointError
+    from jaxclip.report import dry_run_report
+
+    cfg = _cli.load(FLAGS.config, OVERRIDES)
+    mesh_lib.initialize_distributed()
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # one process reports
+    if FLAGS.dry_run:
+        print(dry_run_report(train_lib.build(cfg)))
+        return
+    workdir = FLAGS.workdir or f"workdirs/{cfg.name}"
+    logging.info("Training %s in %s", cfg.name, workdir)
+    try:
+        results = train_lib.train(cfg, workdir, progress=FLAGS.progress)
+    except (train_lib.WorkdirError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    evals = {k: v for k, v in results.items() if k.startswith("eval/") and "chance" not in k}
+    if evals:
+        print("final evaluation:")
+        for name, value in sorted(evals.items()):
+            print(f"  {name[5:]:<32}{value:.4f}")
+
+
+if __name__ == "__main__":
+    ARGV, OVERRIDES = _cli.split_overrides(sys.argv)
+    _cli.setup_logging()
+    app.run(main, argv=ARGV)
