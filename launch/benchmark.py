@@ -1,0 +1,154 @@
+"""Measure a config's train step and input pipeline; print one JSON line per measurement.
+
+    python launch/benchmark.py --config demo                       # step time + loader
+    python launch/benchmark.py --config vit_b16_clip --what=flops  # compiled FLOPs / memory
+    python launch/benchmark.py --config demo --config.data.batch_size=64 --steps=20
+
+Compiled figures (FLOPs and bytes from XLA's cost and memory analysis) are deterministic and
+comparable across machines; times depend on the machine and its load: compare ratios
+measured in one run. XLA counts a scanned loop body once, so FLOPs are reported for an
+unrolled compile (model.scan_layers=False) unless --flops_scan is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import _cli  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("config", "demo", "Config name.")
+flags.DEFINE_list("what", ["flops", "step", "data"], "Measurements: flops, step, data.")
+flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
+flags.DEFINE_integer("batches", 20, "Timed loader batches.")
+flags.DEFINE_bool("flops_scan", False, "Compile with scanned layers for the FLOP count.")
+FLAGS = flags.FLAGS
+
+
+def synthetic_batch(cfg, rng):
+    import numpy as np
+
+    b, s, length = cfg.data.batch_size, cfg.data.image_size, cfg.data.context_length
+    mask = np.zeros((b, length), np.int32)
+    mask[:, : max(2, length // 2)] = 1
+    return {
+        "image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+        "tokens": rng.integers(0, 8, (b, length)).astype(np.int32) * mask,
+        "mask": mask,
+    }
+
+
+def compiled_step(cfg):
+    import jax
+
+    from jaxclip import train as train_lib
+
+    setup = train_lib.build(cfg)
+    step = train_lib.make_train_step(setup)
+    batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        synthetic_batch(cfg, __import__("numpy").random.default_rng(0)),
+    )
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        setup.abstract_state,
+        setup.state_shardings,
+    )
+    return setup, step, step.lower(abstract, batch).compile()
+
+
+def measure_flops(cfg) -> dict:
+    from jaxclip import config as config_lib
+
+    cfg = copy.deepcopy(cfg)
+    if not FLAGS.flops_scan:
+        config_lib.override(cfg, "model.scan_layers", "false")
+    _, _, compiled = compiled_step(cfg)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    flops = float(cost.get("flops", 0.0)) if cost else None
+    return {
+        "what": "flops",
+        "flops_per_step": flops,
+        "flops_per_example": flops / cfg.data.batch_size if flops else None,
+        "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+        "output_bytes": getattr(memory, "output_size_in_bytes", None),
+        "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        "scan_layers": cfg.model.scan_layers,
+    }
+
+
+def measure_step(cfg) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxclip import mesh as mesh_lib
+    from jaxclip import train as train_lib
+
+    setup = train_lib.build(cfg)
+    step = train_lib.make_train_step(setup)
+    state = train_lib.init_state(setup)
+    batch = mesh_lib.global_batch(setup.mesh, synthetic_batch(cfg, np.random.default_rng(0)))
+    t0 = time.perf_counter()
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    dt = (time.perf_counter() - t0) / FLAGS.steps
+    return {
+        "what": "step",
+        "seconds_per_step": dt,
+        "examples_per_s": cfg.data.batch_size / dt,
+        "first_two_steps_s": compile_s,
+        "devices": int(setup.mesh.devices.size),
+        "platform": jax.devices()[0].platform,
+    }
+
+
+def measure_data(cfg) -> dict:
+    from jaxclip import mesh as mesh_lib
+    from jaxclip import train as train_lib
+    from jaxclip.data.pipeline import train_loader
+
+    setup = train_lib.build(cfg)
+    loader = train_loader(
+        cfg.data, setup.tokenizer, mesh_lib.batch_size_per_process(cfg.data.batch_size, setup.mesh)
+    )
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.batches):
+        next(it)
+    dt = (time.perf_counter() - t0) / FLAGS.batches
+    return {
+        "what": "data",
+        "seconds_per_batch": dt,
+        "examples_per_s": cfg.data.batch_size / dt,
+        "worker_count": cfg.data.worker_count,
+    }
+
+
+def main(argv):
+    del argv
+    cfg = _cli.load(FLAGS.config, OVERRIDES)
+    measures = {"flops": measure_flops, "step": measure_step, "data": measure_data}
+    for what in FLAGS.what:
+        result = {"config": cfg.name, "batch_size": cfg.data.batch_size, **measures[what](cfg)}
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    ARGV, OVERRIDES = _cli.split_overrides(sys.argv)
+    app.run(main, argv=ARGV)
