@@ -14,13 +14,14 @@ def get_config():
     c.model.text.width = 128
     c.model.text.depth = 2
     c.model.text.heads = 4
-    c.model.text.context_length = 32
+    c.model.text.context_length = 16  # short captions are at most 8 tokens
 
     c.data.image_size = 64
-    c.data.batch_size = 128
-    c.data.context_length = 32
+    c.data.batch_size = 64
+    c.data.context_length = 16
     c.data.worker_count = 1
-    c.data.shapes.caption_style = "mixed"
+    c.data.shapes.max_objects = 1
+    c.data.shapes.caption_style = "short"
 
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 100
