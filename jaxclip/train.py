@@ -297,13 +297,19 @@ def train(
         dynamic_ncols=True,
     )
     tick, tick_step = time.perf_counter(), first_step
+    in_flight = None
     for step in itertools.count(first_step + 1):
         if step > last_step:
             break
         local = next(data_iter)
         index_sum = float(np.sum(local.pop("index")))
         state, metrics = train_step(state, mesh_lib.global_batch(setup.mesh, local))
-        bar.update(1)
+        # Wait for the previous step, not this one: one step stays queued (the device never
+        # idles) and the bar counts finished steps, so its rate and ETA are real.
+        if in_flight is not None:
+            in_flight.block_until_ready()
+            bar.update(1)
+        in_flight = metrics["loss"]
 
         if step % cfg.train.log_every == 0 or step == last_step:
             metrics = jax.device_get(metrics)
@@ -319,7 +325,11 @@ def train(
             scores = evaluate(setup, encoders, evaluators, state["params"])
             writer.write(step, scores, prefix="eval/")
             results.update({f"eval/{k}": v for k, v in scores.items()})
-            logging.info("step %d eval: %s", step, _format(scores))
+            message = f"step {step} eval: {_format(scores)}"
+            if bar.disable:
+                logging.info(message)
+            else:
+                bar.write(message)  # a log line would tear the progress bar
             tick = time.perf_counter()  # evaluation time is not training throughput
 
         if step % cfg.train.checkpoint_every == 0 or step == last_step:
@@ -331,6 +341,7 @@ def train(
                 checkpoint_meta(setup),
                 force=True,
             )
+    bar.update(bar.total - bar.n)
     bar.close()
     checkpointer.close()
     writer.close()
