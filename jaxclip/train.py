@@ -341,7 +341,9 @@ def train(
                 checkpoint_meta(setup),
                 force=True,
             )
-    bar.update(bar.total - bar.n)
+    if in_flight is not None:
+        in_flight.block_until_ready()
+        bar.update(1)
     bar.close()
     checkpointer.close()
     writer.close()
