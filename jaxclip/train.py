@@ -36,6 +36,7 @@ from jaxclip.evaluate import registry
 from jaxclip.evaluate.encoders import Encoders
 from jaxclip.metrics_writer import MetricsWriter
 from jaxclip.models.build import build_model, compute_dtype
+from jaxclip.models.layers import l2_normalize
 from jaxclip.optim import decay_mask, make_optimizer
 
 
@@ -135,9 +136,16 @@ def make_train_step(setup: Setup):
     cfg, mesh, graphdef = setup.cfg, setup.mesh, setup.graphdef
     dtype = compute_dtype(cfg.model)
 
+    lift = cfg.model.kind == "lift"
+
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        out = model(normalize_images(batch["image"], dtype), batch["tokens"], batch["mask"])
+        images = normalize_images(batch["image"], dtype)
+        if lift:  # the text side is the frozen encoder's stored embedding: no text tower
+            out = model(images)
+            out["text"] = l2_normalize(batch["text_emb"].astype(jnp.float32))
+        else:
+            out = model(images, batch["tokens"], batch["mask"])
         return losses.objective(
             out["image"],
             out["text"],
@@ -158,11 +166,9 @@ def make_train_step(setup: Setup):
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics
 
-    batch_shardings = {
-        "image": mesh_lib.batch_sharding(mesh, 4),
-        "tokens": mesh_lib.batch_sharding(mesh, 2),
-        "mask": mesh_lib.batch_sharding(mesh, 2),
-    }
+    text_fields = ("text_emb",) if lift else ("tokens", "mask")
+    batch_shardings = {"image": mesh_lib.batch_sharding(mesh, 4)}
+    batch_shardings.update({name: mesh_lib.batch_sharding(mesh, 2) for name in text_fields})
     return jax.jit(
         train_step,
         in_shardings=(setup.state_shardings, batch_shardings),
@@ -194,6 +200,7 @@ def checkpoint_meta(setup: Setup) -> dict:
         "num_devices": int(setup.mesh.devices.size),
         "process_count": jax.process_count(),
         "tokenizer": setup.tokenizer.identity,
+        "text_encoder": setup.cfg.text_encoder.name if setup.cfg.model.kind == "lift" else None,
     }
 
 
@@ -266,7 +273,13 @@ def train(
     setup = build(cfg, devices)
     logging.info("Mesh: %s", mesh_lib.describe(setup.mesh))
     process_batch = mesh_lib.batch_size_per_process(cfg.data.batch_size, setup.mesh)
-    loader = train_loader(cfg.data, setup.tokenizer, process_batch)
+    # LIFT: the frozen encoder's caption embeddings, checked before anything compiles.
+    store = None
+    if cfg.model.kind == "lift":
+        from jaxclip.data import text_embeddings
+
+        store = text_embeddings.open_for_training(cfg, progress=progress)
+    loader = train_loader(cfg.data, setup.tokenizer, process_batch, text_store=store)
     data_iter = iter(loader)
 
     # --- State: restore from the workdir, or initialize directly sharded ----------------
@@ -284,6 +297,7 @@ def train(
         setup.tokenizer,
         cfg.eval.batch_size,
         compute_dtype(cfg.model),
+        text_lookup=store.eval_text_embeddings if store is not None else None,
     )
 
     # --- Loop ---------------------------------------------------------------------------

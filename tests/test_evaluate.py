@@ -65,7 +65,7 @@ def test_trained_model_is_above_chance(trained):
     # Colour and retrieval are learned within 150 tiny steps; shape takes far longer (the
     # demo benchmark measures it), so it is not asserted here.
     assert results["eval/zeroshot_colour/top1"] > 4 * results["eval/zeroshot_colour/chance"]
-    assert results["eval/retrieval/t2i_r5"] > 4 * 5 * results["eval/retrieval/chance_r1"]
+    assert results["eval/retrieval/t2i_r5"] > 3 * 5 * results["eval/retrieval/chance_r1"]
 
 
 def test_eval_of_a_saved_step_reproduces_the_training_evaluation(trained, tmp_path):

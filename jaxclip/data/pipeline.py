@@ -57,11 +57,38 @@ class TokenizeCaption(grain.transforms.Map):
         }
 
 
+class AttachTextEmbedding(grain.transforms.Map):
+    """LIFT: the caption's stored embedding from the frozen encoder replaces tokenization."""
+
+    def __init__(self, store):
+        self.store = store  # pickled without its memory maps; reopened in each worker
+
+    def map(self, example: dict) -> dict:
+        index = int(example["key"].rsplit("/", 1)[-1])
+        return {
+            "image": example["image"],
+            "text_emb": self.store.lookup(np.array([index]))[0],
+            "index": np.int64(index),
+        }
+
+
 def train_loader(
-    data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, process_batch: int
+    data_cfg: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    process_batch: int,
+    text_store=None,
 ) -> grain.DataLoader:
-    """An endless, shuffled loader of this process's batches (exactly resumable)."""
+    """An endless, shuffled loader of this process's batches (exactly resumable).
+
+    With `text_store` (LIFT), batches carry `text_emb` from the store instead of tokens.
+    """
     source = make_source(data_cfg, "train")
+    if text_store is not None and len(text_store) < len(source):
+        raise ValueError(
+            f"The embedding store covers {len(text_store)} examples but the source has "
+            f"{len(source)}; rebuild it with launch/embed_text.py."
+        )
+    text_op = TokenizeCaption(tokenizer) if text_store is None else AttachTextEmbedding(text_store)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
         shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
@@ -73,7 +100,7 @@ def train_loader(
         data_source=source,
         sampler=sampler,
         operations=[
-            TokenizeCaption(tokenizer),
+            text_op,
             grain.transforms.Batch(batch_size=process_batch, drop_remainder=True),
         ],
         worker_count=data_cfg.worker_count,

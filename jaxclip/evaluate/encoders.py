@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -29,8 +29,11 @@ class Encoders:
         tokenizer: Tokenizer | None,
         batch_size: int,
         dtype=None,
+        text_lookup: Callable[[Sequence[str]], np.ndarray] | None = None,
     ):
+        # text_lookup (LIFT): texts were embedded offline by the frozen encoder; look them up.
         self.params, self.mesh, self.tokenizer = params, mesh, tokenizer
+        self.text_lookup = text_lookup
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = max(shards, batch_size // shards * shards)
         out = mesh_lib.replicated(mesh)
@@ -62,5 +65,8 @@ class Encoders:
         return self._batches([images], self._image)
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self.text_lookup is not None:
+            emb = np.asarray(self.text_lookup(list(texts)), np.float32)
+            return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-6)
         tokens, mask = self.tokenizer(list(texts))
         return self._batches([tokens, mask], self._text)

@@ -43,3 +43,11 @@ def run_all(evaluators: dict, encoders) -> dict[str, float]:
     for evaluator in evaluators.values():
         results.update(evaluator.run(encoders))
     return results
+
+
+def eval_texts(cfg: ml_collections.ConfigDict) -> list[str]:
+    """Every text the configured evaluators embed, deduplicated in a stable order."""
+    texts: dict[str, None] = {}
+    for evaluator in build_evaluators(cfg).values():
+        texts.update(dict.fromkeys(evaluator.texts()))
+    return list(texts)

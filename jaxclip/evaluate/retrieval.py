@@ -1,4 +1,4 @@
-"""Image <-> text retrieval, Recall@K, on a held-out split.
+"""Image <-> text retrieval, Recall@K, on a held-out split, captions in the training style.
 
 A retrieved item counts as correct when its caption is the query's own caption text: in a
 procedural world two images can share a caption, and either is a right answer.
@@ -24,14 +24,18 @@ def recall_at_k(similarity: np.ndarray, relevant: np.ndarray, ks=KS) -> dict[int
 @register("retrieval")
 class Retrieval:
     def __init__(self, cfg):
+        style = cfg.eval.retrieval_caption_style or cfg.data.shapes.caption_style
         source = make_source(
-            cfg.data, "val", num_examples=cfg.eval.num_examples, caption_style="detailed"
+            cfg.data, "val", num_examples=cfg.eval.num_examples, caption_style=style
         )
         examples = [source[i] for i in range(len(source))]
         self.images = np.stack([e["image"] for e in examples])
         self.captions = [e["caption"] for e in examples]
         caps = np.array(self.captions)
         self.same_caption = caps[:, None] == caps[None, :]
+
+    def texts(self) -> list[str]:
+        return list(self.captions)
 
     def run(self, encoders) -> dict[str, float]:
         image_emb = encoders.images(self.images)

@@ -44,6 +44,12 @@ def evaluate_checkpoint(
     target = abstract_like(setup.abstract_state, setup.state_shardings)
     state = checkpointer.restore(step, target)
     checkpointer.close()
+    text_lookup = None
+    if cfg.model.kind == "lift":  # class prompts and captions come from the frozen encoder
+        from jaxclip.data import text_embeddings
+
+        store = text_embeddings.open_for_training(cfg, progress=False)
+        text_lookup = store.eval_text_embeddings
     encoders = Encoders(
         setup.graphdef,
         state["params"],
@@ -51,6 +57,7 @@ def evaluate_checkpoint(
         setup.tokenizer,
         cfg.eval.batch_size,
         compute_dtype(cfg.model),
+        text_lookup=text_lookup,
     )
     return registry.run_all(registry.build_evaluators(cfg), encoders)
 

@@ -44,6 +44,10 @@ class ZeroShot:
         self.class_names = shapes.class_names(names_task)
         self.templates = tuple(shapes.PROMPT_TEMPLATES)
 
+    def texts(self) -> list[str]:
+        """Every prompt this evaluator embeds (LIFT precomputes them)."""
+        return [t.format(name) for name in self.class_names for t in self.templates]
+
     def run(self, encoders) -> dict[str, float]:
         weights = class_weights(encoders, self.class_names, self.templates)
         image_emb = encoders.images(self.images)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jaxclip.models.lift import LiftModel
 from jaxclip.models.text import TextTransformer
 from jaxclip.models.two_tower import TwoTower
 from jaxclip.models.vit import VisionTransformer
@@ -19,21 +20,37 @@ def compute_dtype(model_cfg: ml_collections.ConfigDict):
     return DTYPES[model_cfg.dtype]
 
 
+MODEL_KINDS = ("clip", "lift")
+
+
 def build_model(
     model_cfg: ml_collections.ConfigDict, *, image_size: int, vocab_size: int, rngs: nnx.Rngs
-) -> TwoTower:
-    """A CLIP two-tower model: ViT image tower + causal text transformer + logit scale."""
+) -> TwoTower | LiftModel:
+    """CLIP (ViT + causal text transformer + logit scale) or LIFT (ViT + head + logit scale)."""
+    if model_cfg.kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind must be one of {MODEL_KINDS}, got {model_cfg.kind!r}.")
     dtype = compute_dtype(model_cfg)
     common = dict(scan=model_cfg.scan_layers, remat=model_cfg.remat, dtype=dtype, rngs=rngs)
     image_cfg, text_cfg = model_cfg.image, model_cfg.text
+    lift = model_cfg.kind == "lift"
     image = VisionTransformer(
         image_cfg.variant,
         image_size=image_size,
         pool=image_cfg.pool,
-        proj_dim=model_cfg.embed_dim,
+        proj_dim=None if lift else model_cfg.embed_dim,  # LIFT: the head projects
         act=model_cfg.act,
         **common,
     )
+    if lift:
+        return LiftModel(
+            image,
+            embed_dim=model_cfg.embed_dim,
+            init_logit_scale=model_cfg.init_logit_scale,
+            max_logit_scale=model_cfg.max_logit_scale,
+            logit_bias=model_cfg.logit_bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
     text = TextTransformer(
         vocab_size=vocab_size,
         context_length=text_cfg.context_length,

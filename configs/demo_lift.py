@@ -1,0 +1,27 @@
+"""LIFT on the shapes world: the demo's image tower trained against frozen MiniLM embeddings.
+
+    python launch/train.py --config demo_lift --workdir workdirs/demo_lift
+
+The caption embeddings (all-MiniLM-L6-v2, 384-d) are built automatically on the first run
+and stored under workdirs/embeddings/demo_lift; later runs reuse them. Image tower, batch
+and steps equal the `demo` config's, so the two runs compare CLIP with LIFT directly.
+"""
+
+from jaxclip.config import load_config
+
+
+def get_config():
+    c = load_config("demo")  # same image tower, data, batch and steps
+    c.model.kind = "lift"
+    c.model.image.pool = "mean"  # LIFT: mean over patch tokens, no class token
+    c.model.embed_dim = 384  # the head's width = MiniLM's dimension
+
+    c.text_encoder.name = "all-MiniLM-L6-v2"
+    c.text_encoder.dim = 384
+    c.text_encoder.max_length = 32
+    c.text_encoder.shard_size = 32768
+    c.text_encoder.auto_build = True  # the demo builds its store; real runs never do
+
+    # 100k examples cover the demo's 96k samples seen; the store is 100k x 384 float16.
+    c.data.shapes.num_train = 100_000
+    return c

@@ -1,0 +1,75 @@
+"""Embed every training caption (and every evaluation text) once, for LIFT training.
+
+    python launch/embed_text.py --config NAME [--store_dir DIR] [--config.key=value ...]
+
+Writes an embedding store (see jaxclip/data/embedding_store.py) to --store_dir, else
+cfg.text_encoder.store_dir, else workdirs/embeddings/NAME. Rerunning resumes: finished shards
+are kept. With several processes (SLURM / jax.distributed) each embeds its share of the shards
+on its own devices; process 0 writes the manifest once all shards exist.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import _cli  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+flags.DEFINE_string("config", "demo", "Name of a config in configs/ (or a path to a .py file).")
+flags.DEFINE_string("store_dir", None, "Where to write the store (default: from the config).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    from jaxclip import mesh as mesh_lib
+    from jaxclip.data import embedding_store as es
+    from jaxclip.data.pipeline import make_source
+
+    cfg = _cli.load(FLAGS.config, OVERRIDES)
+    mesh_lib.initialize_distributed()
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # one process reports
+    store_dir = Path(FLAGS.store_dir) if FLAGS.store_dir else es.default_store_dir(cfg)
+    started = time.perf_counter()
+
+    # Imported here: it pulls in every evaluator, which the store module must not depend on.
+    from jaxclip.evaluate.registry import eval_texts
+
+    source = make_source(cfg.data, "train")
+    # Each process embeds its own shards on its own devices: no cross-process collectives.
+    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+    try:
+        embed_fn, info = es.make_embed_fn(cfg, mesh)
+        logging.info("Embedding %d captions of %s into %s", len(source), cfg.name, store_dir)
+        es.build_store(
+            cfg,
+            store_dir,
+            embed_fn=embed_fn,
+            captions_fn=lambda lo, hi: [source.caption(i) for i in range(lo, hi)],
+            num_examples=len(source),
+            eval_texts=eval_texts(cfg),
+            progress=FLAGS.progress and jax.process_index() == 0,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            encoder_info=info,
+        )
+    except es.StoreError as e:
+        sys.exit(f"error: {e}")
+    if jax.process_index() == 0:
+        elapsed = time.perf_counter() - started
+        print(f"embedding store: {store_dir} ({len(source)} captions, {elapsed:.1f} s)")
+
+
+if __name__ == "__main__":
+    ARGV, OVERRIDES = _cli.split_overrides(sys.argv)
+    _cli.setup_logging()
+    app.run(main, argv=ARGV)
