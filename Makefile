@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= demo
+CONFIG ?= demo_lift
 
 .PHONY: venv train test lint clean
 

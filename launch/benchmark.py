@@ -36,13 +36,15 @@ def synthetic_batch(cfg, rng):
     import numpy as np
 
     b, s, length = cfg.data.batch_size, cfg.data.image_size, cfg.data.context_length
+    batch = {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)}
+    if cfg.model.kind == "lift":  # stored caption embeddings instead of tokens
+        batch["text_emb"] = rng.standard_normal((b, cfg.text_encoder.dim)).astype(np.float16)
+        return batch
     mask = np.zeros((b, length), np.int32)
     mask[:, : max(2, length // 2)] = 1
-    return {
-        "image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
-        "tokens": rng.integers(0, 8, (b, length)).astype(np.int32) * mask,
-        "mask": mask,
-    }
+    batch["tokens"] = rng.integers(0, 8, (b, length)).astype(np.int32) * mask
+    batch["mask"] = mask
+    return batch
 
 
 def compiled_step(cfg):
