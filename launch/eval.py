@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
     del argv
     from jaxclip import config as config_lib
     from jaxclip.checkpoint import CheckpointError
+    from jaxclip.data.embedding_store import StoreError
     from jaxclip.evaluate import run
 
     try:
@@ -35,7 +36,7 @@ def main(argv: list[str]) -> None:
         )
         config_lib.apply_overrides(cfg, OVERRIDES)
         results = run.evaluate_checkpoint(cfg, FLAGS.workdir, step)
-    except (CheckpointError, config_lib.ConfigError) as e:
+    except (CheckpointError, StoreError, config_lib.ConfigError) as e:
         sys.exit(f"error: {e}")
     print(f"{cfg.name} step {step}")
     print(run.format_table({k: v for k, v in results.items()}))

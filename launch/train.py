@@ -33,6 +33,7 @@ def main(argv: list[str]) -> None:
     from jaxclip import mesh as mesh_lib
     from jaxclip import train as train_lib
     from jaxclip.checkpoint import CheckpointError
+    from jaxclip.data.embedding_store import StoreError
     from jaxclip.report import dry_run_report
 
     cfg = _cli.load(FLAGS.config, OVERRIDES)
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
     logging.info("Training %s in %s", cfg.name, workdir)
     try:
         results = train_lib.train(cfg, workdir, progress=FLAGS.progress)
-    except (train_lib.WorkdirError, CheckpointError) as e:
+    except (train_lib.WorkdirError, CheckpointError, StoreError) as e:
         sys.exit(f"error: {e}")
     evals = {k: v for k, v in results.items() if k.startswith("eval/") and "chance" not in k}
     if evals:

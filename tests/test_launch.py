@@ -40,3 +40,18 @@ def test_eval_of_an_empty_workdir_says_to_train_first(tmp_path):
     out = run("launch/eval.py", "--workdir", str(tmp_path))
     assert out.returncode != 0
     assert "No checkpoint" in out.stderr and "launch/train.py" in out.stderr
+
+
+def test_vit_b16_lift_without_its_store_stops_with_the_embed_command(tmp_path):
+    store = tmp_path / "no_store"
+    out = run(
+        "launch/train.py",
+        "--config",
+        "vit_b16_lift",
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.text_encoder.store_dir={store}",
+    )
+    assert out.returncode != 0
+    assert f"python launch/embed_text.py --config vit_b16_lift --store_dir {store}" in out.stderr
+    assert "NV-Embed-v2" in out.stderr
