@@ -30,43 +30,25 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
+    from jaxclip import config as config_lib
     from jaxclip import mesh as mesh_lib
     from jaxclip.data import embedding_store as es
-    from jaxclip.data.pipeline import make_source
+    from jaxclip.data import text_embeddings
 
     cfg = _cli.load(FLAGS.config, OVERRIDES)
+    if FLAGS.store_dir:
+        config_lib.override(cfg, "text_encoder.store_dir", FLAGS.store_dir)
     mesh_lib.initialize_distributed()
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # one process reports
-    store_dir = Path(FLAGS.store_dir) if FLAGS.store_dir else es.default_store_dir(cfg)
     started = time.perf_counter()
-
-    # Imported here: it pulls in every evaluator, which the store module must not depend on.
-    from jaxclip.evaluate.registry import eval_texts
-
-    source = make_source(cfg.data, "train")
-    # Each process embeds its own shards on its own devices: no cross-process collectives.
-    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
     try:
-        embed_fn, info = es.make_embed_fn(cfg, mesh)
-        logging.info("Embedding %d captions of %s into %s", len(source), cfg.name, store_dir)
-        es.build_store(
-            cfg,
-            store_dir,
-            embed_fn=embed_fn,
-            captions_fn=lambda lo, hi: [source.caption(i) for i in range(lo, hi)],
-            num_examples=len(source),
-            eval_texts=eval_texts(cfg),
-            progress=FLAGS.progress and jax.process_index() == 0,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            encoder_info=info,
-        )
+        store_dir = text_embeddings.build(cfg, progress=FLAGS.progress)
     except es.StoreError as e:
         sys.exit(f"error: {e}")
     if jax.process_index() == 0:
         elapsed = time.perf_counter() - started
-        print(f"embedding store: {store_dir} ({len(source)} captions, {elapsed:.1f} s)")
+        print(f"embedding store: {store_dir} ({elapsed:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def build(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> Path:
         captions_fn=lambda start, stop: [source.caption(i) for i in range(start, stop)],
         num_examples=len(source),
         eval_texts=eval_texts(cfg),
-        progress=progress,
+        progress=progress and jax.process_index() == 0,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         encoder_info=info,
