@@ -9,7 +9,6 @@ evaluation and logging.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -312,9 +311,7 @@ def train(
     )
     tick, tick_step = time.perf_counter(), first_step
     in_flight = None
-    for step in itertools.count(first_step + 1):
-        if step > last_step:
-            break
+    for step in range(first_step + 1, last_step + 1):
         local = next(data_iter)
         index_sum = float(np.sum(local.pop("index")))
         state, metrics = train_step(state, mesh_lib.global_batch(setup.mesh, local))
