@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
-import jax
-
 from jaxclip import mesh as mesh_lib
-
-
-def count(tree) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+from jaxclip.models.two_tower import count_params
 
 
 def param_counts(params: dict) -> dict[str, int]:
@@ -18,8 +11,8 @@ def param_counts(params: dict) -> dict[str, int]:
     counts: dict[str, int] = {}
     for name, sub in params.items():
         key = name if isinstance(sub, dict) else "other"
-        counts[key] = counts.get(key, 0) + count(sub)
-    counts["total"] = count(params)
+        counts[key] = counts.get(key, 0) + count_params(sub)
+    counts["total"] = count_params(params)
     return counts
 
 

@@ -205,7 +205,7 @@ def checkpoint_meta(setup: Setup) -> dict:
 
 def check_compatible(cfg: ml_collections.ConfigDict, saved_cfg: dict, step_dir: Path) -> None:
     """Refuses to resume a checkpoint whose model differs from the configured one."""
-    current = ml_collections.ConfigDict(cfg.model.to_dict()).to_dict()
+    current = cfg.model.to_dict()
     saved = saved_cfg.get("model", {})
     diffs = [
         k

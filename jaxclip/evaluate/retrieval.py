@@ -6,6 +6,8 @@ procedural world two images can share a caption, and either is a right answer.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from jaxclip.data.pipeline import make_source
@@ -28,11 +30,15 @@ class Retrieval:
         source = make_source(
             cfg.data, "val", num_examples=cfg.eval.num_examples, caption_style=style
         )
-        examples = [source[i] for i in range(len(source))]
-        self.images = np.stack([e["image"] for e in examples])
-        self.captions = [e["caption"] for e in examples]
+        self.source = source
+        # Captions are cheap (no rendering); images are rendered on first use.
+        self.captions = [source.caption(i) for i in range(len(source))]
         caps = np.array(self.captions)
         self.same_caption = caps[:, None] == caps[None, :]
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        return np.stack([self.source[i]["image"] for i in range(len(self.source))])
 
     def texts(self) -> list[str]:
         return list(self.captions)

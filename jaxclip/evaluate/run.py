@@ -19,17 +19,19 @@ def saved_config(
 ) -> tuple[ml_collections.ConfigDict, int]:
     """The config stored with `step` (default: the latest) of the run in `workdir`."""
     checkpointer = Checkpointer(workdir)
-    steps = checkpointer.all_steps()
-    checkpointer.close()
-    if not steps:
-        raise CheckpointError(
-            f"No checkpoint in {Path(workdir) / 'checkpoints'}. Train first, e.g. "
-            f"python launch/train.py --config demo --workdir {workdir}"
-        )
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"No step {step} in {workdir}; saved steps: {steps}.")
-    cfg = config_lib.from_dict(Checkpointer(workdir).read_json(step, "config"))
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise CheckpointError(
+                f"No checkpoint in {Path(workdir) / 'checkpoints'}. Train first, e.g. "
+                f"python launch/train.py --config demo --workdir {workdir}"
+            )
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"No step {step} in {workdir}; saved steps: {steps}.")
+        cfg = config_lib.from_dict(checkpointer.read_json(step, "config"))
+    finally:
+        checkpointer.close()
     return cfg, step
 
 

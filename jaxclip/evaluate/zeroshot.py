@@ -8,6 +8,8 @@ highest cosine similarity. On the shapes world, `combo_heldout` classifies image
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from jaxclip.data import shapes
@@ -35,14 +37,18 @@ class ZeroShot:
     def __init__(self, cfg, task: str):
         split, self.label_field, names_task = TASKS[task]
         self.name = task
-        source = make_source(
+        self.source = make_source(
             cfg.data, split, num_examples=cfg.eval.num_examples, single_object=True
         )
-        examples = [source[i] for i in range(len(source))]
-        self.images = np.stack([e["image"] for e in examples])
-        self.labels = np.array([int(e[self.label_field]) for e in examples])
         self.class_names = shapes.class_names(names_task)
         self.templates = tuple(shapes.PROMPT_TEMPLATES)
+
+    @functools.cached_property
+    def examples(self) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels), rendered on first use: listing prompts renders nothing."""
+        examples = [self.source[i] for i in range(len(self.source))]
+        images = np.stack([e["image"] for e in examples])
+        return images, np.array([int(e[self.label_field]) for e in examples])
 
     def texts(self) -> list[str]:
         """Every prompt this evaluator embeds (LIFT precomputes them)."""
@@ -50,11 +56,11 @@ class ZeroShot:
 
     def run(self, encoders) -> dict[str, float]:
         weights = class_weights(encoders, self.class_names, self.templates)
-        image_emb = encoders.images(self.images)
-        predicted = np.argmax(image_emb @ weights.T, axis=-1)
+        images, labels = self.examples
+        predicted = np.argmax(encoders.images(images) @ weights.T, axis=-1)
         return {
-            f"{self.name}/top1": float(np.mean(predicted == self.labels)),
-            f"{self.name}/chance": 1.0 / len(np.unique(self.labels)),
+            f"{self.name}/top1": float(np.mean(predicted == labels)),
+            f"{self.name}/chance": 1.0 / len(np.unique(labels)),
         }
 
 

@@ -7,8 +7,7 @@ import ml_collections
 from flax import nnx
 
 from jaxclip.models.lift import LiftModel
-from jaxclip.models.text import TextTransformer
-from jaxclip.models.two_tower import TwoTower
+from jaxclip.models.two_tower import TwoTower, build_clip
 from jaxclip.models.vit import VisionTransformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -30,42 +29,45 @@ def build_model(
     if model_cfg.kind not in MODEL_KINDS:
         raise ValueError(f"model.kind must be one of {MODEL_KINDS}, got {model_cfg.kind!r}.")
     dtype = compute_dtype(model_cfg)
-    common = dict(scan=model_cfg.scan_layers, remat=model_cfg.remat, dtype=dtype, rngs=rngs)
     image_cfg, text_cfg = model_cfg.image, model_cfg.text
-    lift = model_cfg.kind == "lift"
+    if model_cfg.kind == "clip":
+        return build_clip(
+            image_cfg.variant,
+            image_size=image_size,
+            embed_dim=model_cfg.embed_dim,
+            pool=image_cfg.pool,
+            text_width=text_cfg.width,
+            text_depth=text_cfg.depth,
+            text_heads=text_cfg.heads,
+            vocab_size=vocab_size,
+            context_length=text_cfg.context_length,
+            act=model_cfg.act,
+            scan=model_cfg.scan_layers,
+            remat=model_cfg.remat,
+            dtype=dtype,
+            init_logit_scale=model_cfg.init_logit_scale,
+            max_logit_scale=model_cfg.max_logit_scale,
+            logit_bias=model_cfg.logit_bias,
+            rngs=rngs,
+        )
+    # LIFT: a projection-free tower; the head maps into the frozen encoder's space.
     image = VisionTransformer(
         image_cfg.variant,
         image_size=image_size,
         pool=image_cfg.pool,
-        proj_dim=None if lift else model_cfg.embed_dim,  # LIFT: the head projects
+        proj_dim=None,
         act=model_cfg.act,
-        **common,
+        scan=model_cfg.scan_layers,
+        remat=model_cfg.remat,
+        dtype=dtype,
+        rngs=rngs,
     )
-    if lift:
-        return LiftModel(
-            image,
-            embed_dim=model_cfg.embed_dim,
-            init_logit_scale=model_cfg.init_logit_scale,
-            max_logit_scale=model_cfg.max_logit_scale,
-            logit_bias=model_cfg.logit_bias,
-            dtype=dtype,
-            rngs=rngs,
-        )
-    text = TextTransformer(
-        vocab_size=vocab_size,
-        context_length=text_cfg.context_length,
-        width=text_cfg.width,
-        depth=text_cfg.depth,
-        heads=text_cfg.heads,
-        proj_dim=model_cfg.embed_dim,
-        act=model_cfg.act,
-        **common,
-    )
-    return TwoTower(
+    return LiftModel(
         image,
-        text,
+        embed_dim=model_cfg.embed_dim,
         init_logit_scale=model_cfg.init_logit_scale,
         max_logit_scale=model_cfg.max_logit_scale,
         logit_bias=model_cfg.logit_bias,
+        dtype=dtype,
         rngs=rngs,
     )

@@ -29,6 +29,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxclip.data.tokenizer import Tokenizer
+from jaxclip.models import layers
 
 Array = jax.Array
 DType = Any
@@ -219,9 +220,8 @@ def pool(states: Array, mask: Array, mode: str) -> Array:
 
 
 def l2_normalize(x: Array) -> Array:
-    """Unit-norm rows, float32; the 1e-12 floor matches torch.nn.functional.normalize."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    """Unit-norm rows in float32, with torch.nn.functional.normalize's 1e-12 floor."""
+    return layers.l2_normalize(x, eps=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
