@@ -16,7 +16,7 @@ import math
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # 89.5 M pixels is PIL's own warning threshold; web images above it are nearly always bombs.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -24,6 +24,10 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 class ImageError(ValueError):
     """The bytes are not a usable image (undecodable, truncated, or too large)."""
+
+
+class DecompressionBombError(ImageError):
+    """The header declares more pixels than allowed; nothing was decoded."""
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size=None):
@@ -39,7 +43,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
             image = Image.open(io.BytesIO(data))  # header only
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(
+                raise DecompressionBombError(
                     f"image declares {width}x{height} = {width * height} pixels, above the "
                     f"limit of {max_pixels} (possible decompression bomb); refused before decoding"
                 )
@@ -48,9 +52,11 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
             image = image.convert("RGB")  # decodes; raises on truncated data
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot decode image: {e}") from e
-    except Image.DecompressionBombWarning as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecompressionBombError(f"refused before decoding: {e}") from e
+    except UnidentifiedImageError as e:  # its message names a BytesIO object, not the data
+        raise ImageError("cannot decode image: not a recognized image format") from e
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot decode image: {e}") from e
     if min(image.size) < 1:
         raise ImageError(f"image has no pixels ({image.size[0]}x{image.size[1]})")
