@@ -166,7 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
     te.auto_build = False  # build a missing store inside the training job (demo only)
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "shapes"
+    d.source = "shapes"  # "shapes" (built-in, procedural) or "records" (converted datasets)
     d.image_size = 224
     d.batch_size = 256  # global, over all processes
     d.tokenizer = "shapes"  # "shapes" or a path to a tokenizers JSON file
@@ -179,6 +179,18 @@ def base_config() -> ml_collections.ConfigDict:
             num_train=1_000_000, num_eval=512, max_objects=3, caption_style="mixed", noise_prob=0.0
         )
     )
+    # data.source="records" (docs/data.md): comma-separated dataset directories written by
+    # launch/prepare_data.py, each optionally "dir:weight" for a weighted mixture.
+    # caption: "random" (one of a record's captions, redrawn each epoch) or "first".
+    d.records = ml_collections.ConfigDict(dict(paths="", caption="random", read_threads=2))
+    # Training crops of real images: open_clip's defaults (AugmentationCfg: area scale
+    # 0.9-1.0, torchvision's aspect range 3/4-4/3, no flip: captions say "left"/"right").
+    d.augment = ml_collections.ConfigDict(
+        dict(crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=False)
+    )
+    d.max_bad_fraction = 0.01  # bad records are skipped; above this fraction the run stops
+    d.bad_fraction_min_records = 1000  # ... judged once this many records were read
+    d.max_image_pixels = 89_478_485  # larger images are refused unread (decompression bombs)
 
     c.loss = ml_collections.ConfigDict(dict(kind="contrastive", positive_weight=0.0, chunk_size=0))
 
@@ -208,6 +220,11 @@ def base_config() -> ml_collections.ConfigDict:
     e.num_examples = 512
     e.retrieval_caption_style = ""  # "" = the training captions' style
     e.batch_size = 256
+    # Real datasets, named in tasks as "zeroshot:cifar10", "retrieval:records=DIR", ...
+    # (jaxclip/evaluate/datasets.py). data_dir: TFDS's data dir ("" = TFDS_DATA_DIR or
+    # ~/tensorflow_datasets); max_examples: an evenly spaced subset per task (0 = all).
+    e.data_dir = ""
+    e.max_examples = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -1,6 +1,8 @@
 """Evaluate a saved checkpoint: prints a table and writes eval_step_N.json to the workdir.
 
     python launch/eval.py --workdir workdirs/demo [--step N] [--config.eval.num_examples=1024]
+    python launch/eval.py --workdir workdirs/vit_b16 --config.eval.data_dir=/data/tfds \\
+        --config.eval.tasks="('zeroshot:imagenet2012', 'retrieval:coco_captions')"
 
 The run's own config is read from the checkpoint; the mesh spans the devices present here.
 """

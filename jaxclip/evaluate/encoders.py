@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -40,7 +41,7 @@ class Encoders:
 
         def image_fn(p, images):
             model = nnx.merge(graphdef, p)
-            return model.encode_image(normalize_images(images, dtype or images.dtype))
+            return model.encode_image(normalize_images(images, dtype or jnp.float32))
 
         def text_fn(p, tokens, mask):
             return nnx.merge(graphdef, p).encode_text(tokens, mask)

@@ -1,4 +1,8 @@
-"""Evaluators by name: an experiment lists the ones it wants in `config.eval.tasks`."""
+"""Evaluators by name: an experiment lists the ones it wants in `config.eval.tasks`.
+
+A name is either a fixed evaluator ("zeroshot_colour") or a family and a dataset
+("zeroshot:cifar10", "retrieval:records=/data/coco_test"; see evaluate/datasets.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,11 @@ from collections.abc import Callable
 
 import ml_collections
 
+from jaxclip.config import ConfigError
+
 _REGISTRY: dict[str, Callable] = {}
+# "zeroshot" -> factory(cfg, task name) for every task named "zeroshot:<dataset>".
+_FAMILIES: dict[str, Callable] = {}
 
 
 def register(name: str):
@@ -17,14 +25,22 @@ def register(name: str):
     return wrap
 
 
+def register_family(kind: str):
+    def wrap(factory):
+        _FAMILIES[kind] = factory
+        return factory
+
+    return wrap
+
+
 def available() -> list[str]:
     _import_all()
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY) + [f"{kind}:<dataset>" for kind in sorted(_FAMILIES)]
 
 
 def _import_all() -> None:
     # Importing the modules runs their @register decorators.
-    from jaxclip.evaluate import retrieval, zeroshot  # noqa: F401
+    from jaxclip.evaluate import real_retrieval, real_zeroshot, retrieval, zeroshot  # noqa: F401
 
 
 def build_evaluators(cfg: ml_collections.ConfigDict) -> dict:
@@ -32,8 +48,15 @@ def build_evaluators(cfg: ml_collections.ConfigDict) -> dict:
     _import_all()
     evaluators = {}
     for name in cfg.eval.tasks:
+        kind, sep, _ = name.partition(":")
+        if sep and kind in _FAMILIES:
+            evaluators[name] = _FAMILIES[kind](cfg, name)
+            continue
         if name not in _REGISTRY:
-            raise ValueError(f"Unknown evaluator {name!r}; available: {', '.join(available())}.")
+            raise ConfigError(
+                f"Unknown evaluator {name!r}; available: {', '.join(available())} (a dataset "
+                f"is a TFDS name, folder=DIR or records=DIR)."
+            )
         evaluators[name] = _REGISTRY[name](cfg)
     return evaluators
 

@@ -41,6 +41,7 @@ def evaluate_checkpoint(
     """Restores `step` onto the current devices (resharding) and evaluates it."""
     from jaxclip.train import build  # the trainer's builder: one definition of the model
 
+    evaluators = registry.build_evaluators(cfg)  # a missing dataset fails before the restore
     setup = build(cfg, devices)
     checkpointer = Checkpointer(workdir)
     target = abstract_like(setup.abstract_state, setup.state_shardings)
@@ -49,9 +50,10 @@ def evaluate_checkpoint(
     text_lookup = None
     if cfg.model.kind == "lift":  # class prompts and captions come from the frozen encoder
         from jaxclip.data import text_embeddings
+        from jaxclip.evaluate.lift_text import LiftTextLookup
 
         store = text_embeddings.open_for_training(cfg, progress=False)
-        text_lookup = store.eval_text_embeddings
+        text_lookup = LiftTextLookup(cfg, store)  # embeds prompts the store lacks
     encoders = Encoders(
         setup.graphdef,
         state["params"],
@@ -61,7 +63,7 @@ def evaluate_checkpoint(
         compute_dtype(cfg.model),
         text_lookup=text_lookup,
     )
-    return registry.run_all(registry.build_evaluators(cfg), encoders)
+    return registry.run_all(evaluators, encoders)
 
 
 def write_results(workdir: str | Path, step: int, results: dict[str, float]) -> Path:
