@@ -149,7 +149,7 @@ def _finalize(
     loss = (sums["lse_i2t"] + sums["lse_t2i"] - 2.0 * sums["pos_logit"]) / (2.0 * batch)
     # Metrics are for logging only; keep them out of the gradient.
     sg = jax.lax.stop_gradient
-    n_neg = max(batch * batch - batch, 1)
+    n_neg = float(max(batch * batch - batch, 1))  # a Python int overflows int32 from B=46,341
     metrics = {
         "loss": loss,
         "i2t_top1": sg(sums["i2t_correct"] / batch),

@@ -8,35 +8,29 @@ module turns names into devices, so a model runs unchanged on 1 CPU, a GPU pod o
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxclip import distributed
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch is split over these axes; "tensor" replicates it.
 BATCH_AXES = ("data", "fsdp")
 
 
-def initialize_distributed() -> None:
-    """Starts JAX's multi-controller runtime when the environment describes several processes.
-
-    `jax.distributed.initialize()` reads SLURM's and Cloud TPU's variables by itself; we only
-    call it when such an environment is present so a laptop run stays single-process.
-    """
-    if jax.distributed.is_initialized():
-        return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-        logging.info(
-            "jax.distributed initialized: process %d of %d",
-            jax.process_index(),
-            jax.process_count(),
-        )
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Starts JAX's multi-controller runtime from flags or the environment (SLURM, Cloud TPU,
+    JAX_* variables); a no-op for a single process. See `jaxclip.distributed.initialize`."""
+    return distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -64,13 +58,36 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
+    """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices).
+
+    `data` is the outermost axis and devices come host by host (slice by slice on multi-slice
+    TPU), so across hosts it is the data axis, whose gradient all-reduce is the lightest
+    traffic, that crosses the slow network; fsdp and tensor stay within a host or slice.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:
+        grid = multi_slice_grid(shape, devices, num_slices)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def multi_slice_grid(shape: Sequence[int], devices: Sequence, num_slices: int) -> np.ndarray:
+    """Devices of several TPU slices (joined by the data-centre network) as a (data, fsdp,
+    tensor) array: the data axis runs across slices, each slice holds a contiguous block."""
+    if shape[0] % num_slices:
+        named = dict(zip(MESH_AXES, shape, strict=True))
+        raise ValueError(
+            f"The devices span {num_slices} slices, so the data axis must be a multiple of "
+            f"{num_slices} (only it crosses slices); got mesh {named}. "
+            f"Set e.g. --config.mesh.shape.data={num_slices} --config.mesh.shape.fsdp=-1."
+        )
+    per_slice = (shape[0] // num_slices, *shape[1:])
+    return mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devices)
 
 
 def logical_to_spec(

@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 import jaxclip
 from jaxclip import config as config_lib
-from jaxclip import losses
+from jaxclip import distributed, losses
 from jaxclip import mesh as mesh_lib
 from jaxclip.checkpoint import Checkpointer, CheckpointError, abstract_like
+from jaxclip.data import bad_records
 from jaxclip.data.pipeline import make_tokenizer, train_loader
 from jaxclip.data.tokenizer import Tokenizer
 from jaxclip.data.transforms import normalize_images
@@ -265,8 +266,11 @@ def train(
     """
     # --- Work directory and logging --------------------------------------------------
     workdir = prepare_workdir(workdir)
+    # From here a SIGTERM (preemption) no longer kills the run: it stops at an agreed step.
+    preemption = distributed.PreemptionGuard()
     writer = MetricsWriter(workdir)
-    (workdir / "config.json").write_text(config_lib.to_json(cfg))
+    if distributed.is_primary():
+        (workdir / "config.json").write_text(config_lib.to_json(cfg))
 
     # --- Mesh, model and optimizer (abstract), data ------------------------------------
     setup = build(cfg, devices)
@@ -310,10 +314,11 @@ def train(
         dynamic_ncols=True,
     )
     tick, tick_step = time.perf_counter(), first_step
-    in_flight = None
+    in_flight, stopping = None, False
     for step in range(first_step + 1, last_step + 1):
         local = next(data_iter)
-        index_sum = float(np.sum(local.pop("index")))
+        index_sum = int(np.sum(local.pop("index")))
+        data_stats = bad_records.pop_metrics(local)  # records read / skipped (this host)
         state, metrics = train_step(state, mesh_lib.global_batch(setup.mesh, local))
         # Wait for the previous step, not this one: one step stays queued (the device never
         # idles) and the bar counts finished steps, so its rate and ETA are real.
@@ -321,13 +326,16 @@ def train(
             in_flight.block_until_ready()
             bar.update(1)
         in_flight = metrics["loss"]
+        stopping = preemption.should_stop(setup.mesh)  # the same answer on every process
 
         if step % cfg.train.log_every == 0 or step == last_step:
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             images_per_s = (step - tick_step) * cfg.data.batch_size / max(now - tick, 1e-9)
             tick, tick_step = now, step
+            index_sum = distributed.process_sum(index_sum)  # over the global batch
             metrics.update({"images_per_s": images_per_s, "data/index_sum": index_sum})
+            metrics.update(data_stats)
             writer.write(step, metrics, prefix="train/")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
             results.update({f"train/{k}": float(v) for k, v in metrics.items()})
@@ -343,7 +351,7 @@ def train(
                 bar.write(message)  # a log line would tear the progress bar
             tick = time.perf_counter()  # evaluation time is not training throughput
 
-        if step % cfg.train.checkpoint_every == 0 or step == last_step:
+        if step % cfg.train.checkpoint_every == 0 or step == last_step or stopping:
             checkpointer.save(
                 step,
                 state,
@@ -352,11 +360,18 @@ def train(
                 checkpoint_meta(setup),
                 force=True,
             )
+        if stopping:
+            break
     if in_flight is not None:
         in_flight.block_until_ready()
         bar.update(1)
     bar.close()
-    checkpointer.close()
+    checkpointer.close()  # waits for the last save to be complete on disk
+    preemption.close()
+    if stopping:
+        logging.warning(
+            "Preempted at step %d: checkpoint saved; rerun the same command to resume.", step
+        )
     writer.close()
     return results
 

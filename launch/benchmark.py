@@ -3,6 +3,7 @@
     python launch/benchmark.py --config demo                       # step time + loader
     python launch/benchmark.py --config vit_b16_clip --what=flops  # compiled FLOPs / memory
     python launch/benchmark.py --config demo --config.data.batch_size=64 --steps=20
+    python launch/benchmark.py --what=pipeline --batches=20   # converted-data input pipeline
 
 Compiled figures (FLOPs and bytes from XLA's cost and memory analysis) are deterministic and
 comparable across machines; times depend on the machine and its load: compare ratios
@@ -12,7 +13,6 @@ unrolled compile (model.scan_layers=False) unless --flops_scan is given.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -25,7 +25,7 @@ import _cli  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("config", "demo", "Config name.")
-flags.DEFINE_list("what", ["flops", "step", "data"], "Measurements: flops, step, data.")
+flags.DEFINE_list("what", ["flops", "step", "data"], "Measurements: flops, step, data, pipeline.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_integer("batches", 20, "Timed loader batches.")
 flags.DEFINE_bool("flops_scan", False, "Compile with scanned layers for the FLOP count.")
@@ -47,43 +47,21 @@ def synthetic_batch(cfg, rng):
     return batch
 
 
-def compiled_step(cfg):
-    import jax
-
-    from jaxclip import train as train_lib
-
-    setup = train_lib.build(cfg)
-    step = train_lib.make_train_step(setup)
-    batch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        synthetic_batch(cfg, __import__("numpy").random.default_rng(0)),
-    )
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        setup.abstract_state,
-        setup.state_shardings,
-    )
-    return setup, step, step.lower(abstract, batch).compile()
-
-
 def measure_flops(cfg) -> dict:
-    from jaxclip import config as config_lib
+    from jaxclip import aot
 
-    cfg = copy.deepcopy(cfg)
     if not FLAGS.flops_scan:
-        config_lib.override(cfg, "model.scan_layers", "false")
-    _, _, compiled = compiled_step(cfg)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    memory = compiled.memory_analysis()
-    flops = float(cost.get("flops", 0.0)) if cost else None
+        cfg = aot.unrolled(cfg)  # XLA counts a scanned loop body once
+    compiled = aot.compile_train_step(cfg)
+    flops = aot.compiled_flops(compiled)
+    memory = aot.MemoryUse.of(compiled)
     return {
         "what": "flops",
         "flops_per_step": flops,
         "flops_per_example": flops / cfg.data.batch_size if flops else None,
-        "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
-        "output_bytes": getattr(memory, "output_size_in_bytes", None),
-        "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        "argument_bytes": memory.arguments,
+        "output_bytes": memory.outputs,
+        "temp_bytes": memory.temporaries,
         "scan_layers": cfg.model.scan_layers,
     }
 
@@ -142,10 +120,26 @@ def measure_data(cfg) -> dict:
     }
 
 
+def measure_pipeline(cfg) -> dict:
+    """Converted-data pipeline (decode, random-resized crop to 224, normalize) from 256-px
+    JPEG records vs a bare PIL decode + crop loop, 1 and 2 worker processes, in one run."""
+    from jaxclip.data import throughput
+
+    return {
+        "what": "pipeline",
+        **throughput.compare(cfg.data, batch_size=cfg.data.batch_size, batches=FLAGS.batches),
+    }
+
+
 def main(argv):
     del argv
     cfg = _cli.load(FLAGS.config, OVERRIDES)
-    measures = {"flops": measure_flops, "step": measure_step, "data": measure_data}
+    measures = {
+        "flops": measure_flops,
+        "step": measure_step,
+        "data": measure_data,
+        "pipeline": measure_pipeline,
+    }
     for what in FLAGS.what:
         result = {"config": cfg.name, "batch_size": cfg.data.batch_size, **measures[what](cfg)}
         print(json.dumps(result), flush=True)

@@ -28,9 +28,11 @@ def main(argv: list[str]) -> None:
     from jaxclip import config as config_lib
     from jaxclip.checkpoint import CheckpointError
     from jaxclip.data.embedding_store import StoreError
+    from jaxclip.distributed import DistributedError, initialize, is_primary
     from jaxclip.evaluate import run
 
     try:
+        initialize()  # under srun / on a TPU slice every process evaluates its share
         cfg, step = run.saved_config(FLAGS.workdir, FLAGS.step)
         # Evaluate on whatever devices are here, whatever mesh training used.
         config_lib.apply_overrides(
@@ -38,8 +40,10 @@ def main(argv: list[str]) -> None:
         )
         config_lib.apply_overrides(cfg, OVERRIDES)
         results = run.evaluate_checkpoint(cfg, FLAGS.workdir, step)
-    except (CheckpointError, StoreError, config_lib.ConfigError) as e:
+    except (CheckpointError, StoreError, config_lib.ConfigError, DistributedError) as e:
         sys.exit(f"error: {e}")
+    if not is_primary():
+        return
     print(f"{cfg.name} step {step}")
     print(run.format_table({k: v for k, v in results.items()}))
     print(f"wrote {run.write_results(FLAGS.workdir, step, results)}")

@@ -2,6 +2,7 @@
 
     python launch/train.py --config demo [--workdir DIR] [--config.key=value ...]
     python launch/train.py --config vit_b16_clip --dry_run
+    python launch/train.py --config vit_b16_lift --aot v5p-64 [--aot_search]  # fits? (no TPU)
 
 Resumes automatically from the latest checkpoint in the workdir.
 """
@@ -23,6 +24,22 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print sizes and exit.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string(
+    "aot",
+    None,
+    "Ahead-of-time fit check: compile the train step for TARGET (v5p-64, v5e-16, v4-8, "
+    "8xH100, ...) without its hardware; print per-device memory, fit and FLOPs, then exit.",
+)
+flags.DEFINE_bool("aot_search", False, "With --aot: find the largest per-device batch that fits.")
+flags.DEFINE_bool("aot_flops", True, "With --aot: also count FLOPs (one more, unrolled compile).")
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-process: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS; SLURM and Cloud "
+    "TPU need none of these three flags).",
+)
+flags.DEFINE_integer("num_processes", None, "Multi-process: how many (else $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Multi-process: this one's index (else $JAX_PROCESS_ID).")
 FLAGS = flags.FLAGS
 
 
@@ -34,10 +51,26 @@ def main(argv: list[str]) -> None:
     from jaxclip import train as train_lib
     from jaxclip.checkpoint import CheckpointError
     from jaxclip.data.embedding_store import StoreError
+    from jaxclip.distributed import DistributedError
     from jaxclip.report import dry_run_report
 
     cfg = _cli.load(FLAGS.config, OVERRIDES)
-    mesh_lib.initialize_distributed()
+    if FLAGS.aot or FLAGS.aot_search:  # before anything starts a JAX backend
+        from jaxclip import aot
+
+        if not FLAGS.aot:
+            sys.exit("error: --aot_search needs --aot TARGET (e.g. --aot v5p-64).")
+        try:
+            aot.run(cfg, FLAGS.aot, search=FLAGS.aot_search, flops=FLAGS.aot_flops)
+        except aot.AotError as e:
+            sys.exit(f"error: {e}")
+        return
+    try:
+        mesh_lib.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
+    except DistributedError as e:
+        sys.exit(f"error: {e}")
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # one process reports
     if FLAGS.dry_run:
@@ -50,7 +83,7 @@ def main(argv: list[str]) -> None:
     except (train_lib.WorkdirError, CheckpointError, StoreError) as e:
         sys.exit(f"error: {e}")
     evals = {k: v for k, v in results.items() if k.startswith("eval/") and "chance" not in k}
-    if evals:
+    if evals and jax.process_index() == 0:
         print("final evaluation:")
         for name, value in sorted(evals.items()):
             print(f"  {name[5:]:<32}{value:.4f}")

@@ -1,4 +1,4 @@
-"""grain input pipelines: per-host shard -> shuffle -> render/tokenize (workers) -> batch.
+"""grain input pipelines: global shuffle -> this host's rows -> render/tokenize (workers) -> batch.
 
 The loader yields this process's share of the global batch as numpy arrays; `mesh.global_batch`
 turns it into global jax.Arrays. Images stay uint8 until they reach the device (4x less
@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from jaxclip.data import shapes
+from jaxclip.data.global_order import GlobalOrderSampler
 from jaxclip.data.tokenizer import Tokenizer, shapes_tokenizer
 
 
@@ -22,10 +23,26 @@ def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
     return Tokenizer.from_file(data_cfg.tokenizer, data_cfg.context_length)
 
 
+RECORDS_WITHOUT_LIFT = (
+    "LIFT (model.kind='lift') trains from the shapes world only for now: its caption-embedding "
+    "store is keyed by shapes-world index. Train CLIP (model.kind='clip') on converted "
+    "datasets, or use data.source='shapes' for LIFT."
+)
+
+
 def make_source(data_cfg: ml_collections.ConfigDict, split: str, **overrides):
     """A random-access source for `split` of the configured dataset."""
+    if data_cfg.source == "records":
+        raise ValueError(
+            "The shapes world was asked for, but data.source='records'. The shapes-world "
+            "evaluators (eval.tasks such as zeroshot_shape or retrieval) need the shapes world: "
+            "with converted data, list real-dataset evaluators in eval.tasks, or none "
+            "(--config.eval.tasks='()'). " + RECORDS_WITHOUT_LIFT
+        )
     if data_cfg.source != "shapes":
-        raise ValueError(f"Unknown data source {data_cfg.source!r}; available: 'shapes'.")
+        raise ValueError(
+            f"Unknown data source {data_cfg.source!r}; available: 'shapes', 'records'."
+        )
     world = data_cfg.shapes
     kwargs = dict(
         split=split,
@@ -81,7 +98,14 @@ def train_loader(
     """An endless, shuffled loader of this process's batches (exactly resumable).
 
     With `text_store` (LIFT), batches carry `text_emb` from the store instead of tokens.
+    Converted datasets (`data.source="records"`) go through `record_pipeline`.
     """
+    if data_cfg.source == "records":
+        if text_store is not None:
+            raise ValueError(RECORDS_WITHOUT_LIFT)
+        from jaxclip.data import record_pipeline
+
+        return record_pipeline.train_loader(data_cfg, tokenizer, process_batch)
     source = make_source(data_cfg, "train")
     if text_store is not None and len(text_store) < len(source):
         raise ValueError(
@@ -89,13 +113,9 @@ def train_loader(
             f"{len(source)}; rebuild it with launch/embed_text.py."
         )
     text_op = TokenizeCaption(tokenizer) if text_store is None else AttachTextEmbedding(text_store)
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=data_cfg.seed,
-    )
+    # One global shuffled order; each process reads its rows of every global batch, so the
+    # batches are the same whatever the number of processes.
+    sampler = GlobalOrderSampler(len(source), seed=data_cfg.seed, process_batch=process_batch)
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
