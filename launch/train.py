@@ -50,7 +50,10 @@ def main(argv: list[str]) -> None:
     from jaxclip import mesh as mesh_lib
     from jaxclip import train as train_lib
     from jaxclip.checkpoint import CheckpointError
+    from jaxclip.config import ConfigError
+    from jaxclip.data.bad_records import BadDataError
     from jaxclip.data.embedding_store import StoreError
+    from jaxclip.data.records import DatasetError
     from jaxclip.distributed import DistributedError
     from jaxclip.report import dry_run_report
 
@@ -80,7 +83,14 @@ def main(argv: list[str]) -> None:
     logging.info("Training %s in %s", cfg.name, workdir)
     try:
         results = train_lib.train(cfg, workdir, progress=FLAGS.progress)
-    except (train_lib.WorkdirError, CheckpointError, StoreError) as e:
+    except (
+        train_lib.WorkdirError,
+        CheckpointError,
+        StoreError,
+        ConfigError,
+        DatasetError,
+        BadDataError,
+    ) as e:
         sys.exit(f"error: {e}")
     evals = {k: v for k, v in results.items() if k.startswith("eval/") and "chance" not in k}
     if evals and jax.process_index() == 0:
