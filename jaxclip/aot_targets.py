@@ -18,6 +18,8 @@ import re
 
 import jax
 
+from jaxclip.cluster import slices
+
 GIB = 2**30
 # JAX preallocates this share of a GPU's memory and every program must fit in it.
 GPU_DEFAULT_MEM_FRACTION = 0.75
@@ -34,16 +36,15 @@ class AotError(ValueError):
 class TpuGeneration:
     prefix: str  # the generation in libtpu's topology names, "v5p:2x4x4"
     hbm_bytes: int
-    cores_per_chip: int  # slice names count TensorCores (v4-8, v5p-8: 2 per chip) or chips
     torus_dims: int
     chip_config: str  # "megacore": one JAX device per chip, as on the real slice
 
 
 TPU_GENERATIONS = {
-    "v4": TpuGeneration("v4", 32 * GIB, 2, 3, "megacore"),
-    "v5p": TpuGeneration("v5p", 95 * GIB, 2, 3, "megacore"),
-    "v5e": TpuGeneration("v5e", 16 * GIB, 1, 2, "default"),
-    "v6e": TpuGeneration("v6e", 32 * GIB, 1, 2, "default"),
+    "v4": TpuGeneration("v4", 32 * GIB, 3, "megacore"),
+    "v5p": TpuGeneration("v5p", 95 * GIB, 3, "megacore"),
+    "v5e": TpuGeneration("v5e", 16 * GIB, 2, "default"),
+    "v6e": TpuGeneration("v6e", 32 * GIB, 2, "default"),
 }
 TPU_ALIASES = {"v5litepod": "v5e"}
 
@@ -149,41 +150,24 @@ def gpu_memory_fraction() -> float:
     return float(raw) if raw else GPU_DEFAULT_MEM_FRACTION
 
 
-def slice_shape(chips: int, torus_dims: int) -> tuple[int, ...]:
-    """Cloud TPU's standard slice shape: from 2x2(x1), double the last smallest dimension
-    (v5p: 4 chips 2x2x1, 32 chips 2x4x4, 64 chips 4x4x4; v5e: 16 chips 4x4)."""
-    if chips == 1 and torus_dims == 2:
-        return (1, 1)
-    if chips < 4 or chips & (chips - 1):
-        raise AotError(
-            f"{chips} chips is not a standard slice size (a power of two, at least 4"
-            f"{', or 1' if torus_dims == 2 else ''}). For another shape give the topology, "
-            f"e.g. v5p:4x4x12."
-        )
-    shape = [2, 2] + [1] * (torus_dims - 2)
-    while math.prod(shape) < chips:
-        smallest = min(shape)
-        last = max(i for i, size in enumerate(shape) if size == smallest)
-        shape[last] *= 2
-    return tuple(shape)
-
-
 def parse_target(name: str) -> Target:
     """'v5p-64', 'v5e-16', 'v5p:4x4x8', '8xH100', ... -> Target; unknown names list the known."""
     key = name.strip().lower()
     if m := re.fullmatch(r"(v\w+?)-(\d+)", key):
-        gen_name, count = TPU_ALIASES.get(m[1], m[1]), int(m[2])
+        gen_name = TPU_ALIASES.get(m[1], m[1])
         gen = TPU_GENERATIONS.get(gen_name)
         if gen is not None:
-            if count % gen.cores_per_chip:
-                raise AotError(
-                    f"{name}: {gen_name}-N counts TensorCores, {gen.cores_per_chip} per chip; "
-                    f"{count} is not a whole number of chips."
-                )
+            # Chips and topology of a named slice: the one table the job submitters use too.
             try:
-                shape = slice_shape(count // gen.cores_per_chip, gen.torus_dims)
-            except AotError as e:
-                raise AotError(f"{name}: {e}") from None
+                tpu = slices.tpu_slice(key)
+            except slices.SliceError as e:
+                cores = slices.GENERATIONS[gen_name].cores_per_chip
+                chips = f"{int(m[2]) / cores:g} chips" if cores > 1 else f"{m[2]} chips"
+                raise AotError(
+                    f"{name} is {chips}; standard slices are a power of two chips. {e} "
+                    f"For another shape give the topology, e.g. {gen_name}:4x4x12."
+                ) from None
+            shape = tuple(int(d) for d in tpu.topology.split("x"))
             return _tpu_target(name, gen_name, gen, shape)
     if m := re.fullmatch(r"(v\w+):(\d+(?:x\d+)+)", key):
         gen_name = TPU_ALIASES.get(m[1], m[1])

@@ -32,6 +32,7 @@ import numpy as np
 from jaxclip.config import ConfigError
 from jaxclip.data import images as images_lib
 from jaxclip.data import records as records_lib
+from jaxclip.data.convert.tfds_source import texts, value_at
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Split tried in order when a TFDS task names none (ImageNet calls it 'validation').
@@ -177,19 +178,6 @@ def tfds_split(name: str, data_dir: str, split: str | None, features: Sequence[s
     return builder, source, split
 
 
-def _field(example: dict, path: str):
-    for part in path.split("/"):
-        example = example[part]
-    return example
-
-
-def _texts(value) -> list[str]:
-    """A TFDS text feature (a string, bytes, or an array/list of them) as a list of str."""
-    if isinstance(value, str | bytes | np.bytes_ | np.str_):
-        value = [value]
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in list(value)]
-
-
 # --- Evaluation sets -------------------------------------------------------------------------
 
 
@@ -255,11 +243,11 @@ class TfdsSet(EvalSet):
     def read(self, index: int) -> dict:
         try:
             example = self.source[int(index)]
-            item = {"image": bytes(_field(example, self.image_field))}
+            item = {"image": bytes(value_at(example, self.image_field))}
             if self.label_field is not None:
-                item["label"] = int(_field(example, self.label_field))
+                item["label"] = int(value_at(example, self.label_field))
             else:
-                item["captions"] = _texts(_field(example, self.text_field))
+                item["captions"] = texts(value_at(example, self.text_field))
         except Exception as e:
             return {"error": f"cannot read example {index}: {type(e).__name__}: {e}"}
         return item

@@ -81,14 +81,16 @@ def _is_text(feature) -> bool:
     return isinstance(feature, tfds.features.Text)
 
 
-def _value_at(item: dict, path: str):
+def value_at(item: dict, path: str):
+    """A (possibly nested, 'captions/text') feature of a TFDS example."""
     value = item
     for part in path.split("/"):
         value = value[part]
     return value
 
 
-def _texts(value) -> list[str]:
+def texts(value) -> list[str]:
+    """A TFDS text feature (a string, bytes, or an array/list of them) as a list of str."""
     if isinstance(value, bytes | str | np.bytes_ | np.str_):
         value = [value]
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.ravel(value)]
@@ -189,11 +191,11 @@ class TfdsSource:
             except Exception as e:  # a damaged record: skip it, keep converting
                 yield Skip("undecodable_image", key, f"cannot read record: {e}")
                 continue
-            captions = _texts(_value_at(item, self.text_feature)) if self.text_feature else []
-            label = int(_value_at(item, self.label_feature)) if self.label_feature else None
+            captions = texts(value_at(item, self.text_feature)) if self.text_feature else []
+            label = int(value_at(item, self.label_feature)) if self.label_feature else None
             yield Example(
                 key=key,
-                image=bytes(_value_at(item, self.image_feature)),
+                image=bytes(value_at(item, self.image_feature)),
                 captions=captions,
                 label=label,
             )
