@@ -165,7 +165,8 @@ def parse_target(name: str) -> Target:
                 chips = f"{int(m[2]) / cores:g} chips" if cores > 1 else f"{m[2]} chips"
                 raise AotError(
                     f"{name} is {chips}; standard slices are a power of two chips. {e} "
-                    f"For another shape give the topology, e.g. {gen_name}:4x4x12."
+                    f"For another shape give the topology, e.g. {gen_name}:"
+                    f"{'4x4x12' if gen.torus_dims == 3 else '4x8'}."
                 ) from None
             shape = tuple(int(d) for d in tpu.topology.split("x"))
             return _tpu_target(name, gen_name, gen, shape)
