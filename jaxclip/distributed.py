@@ -10,8 +10,6 @@ plain single process. It must run before anything touches a JAX device.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxclip import sigterm
 
 # The variables `srun` sets in each task; JAX's SLURM detection needs all of them. The batch
 # script itself lacks the step ones, so `python train.py` run there without srun stays single.
@@ -150,18 +150,13 @@ class PreemptionGuard:
 
     SLURM (before a time limit or on preemption) and Cloud TPU (before maintenance) send
     SIGTERM to every process of the job, not at the same instant, and one process saving
-    alone would deadlock the collective save. Each process records the signal; at every step
-    it dispatches a tiny all-reduce (max) of its flag behind the train step and reads the
+    alone would deadlock the collective save. Each process records the signal (`sigterm`:
+    blocked and taken by a watcher thread, so it is never lost, also not during restore or
+    compilation, and data workers started later never see it). At every step each process
+    dispatches a tiny all-reduce (max) of its flag behind the train step and reads the
     previous step's result, which is ready once that step is (the loop waits for it anyway).
     Every process reads the same value, so all stop after the same step, one step after the
     first signal, and the host never blocks for the vote. A single process needs no vote.
-
-    The signal reaches grain's data workers too; a worker that dies of it hangs or fails the
-    next batch before the agreed step. Workers start while the iterator is restored or the
-    first batch is read, so the guard ignores SIGTERM until the first `should_stop`: the
-    workers inherit "ignore" (it survives exec) and grain stops them itself. A SIGTERM in
-    that start-up window is lost, but nothing was trained yet; the scheduler kills the job
-    after its grace period and the rerun resumes from the same checkpoint.
 
     Why not JAX's preemption service (`multihost_utils.reached_preemption_sync_point`): a
     notice that arrives before the first call (while a resumed run restores or compiles)
@@ -170,26 +165,21 @@ class PreemptionGuard:
     """
 
     def __init__(self):
-        self.requested = False
         self._pending_vote = None
         self._vote = None
-        self._main = threading.current_thread() is threading.main_thread()
-        self._armed = False
-        if self._main:  # only the main thread may install Python signal handlers
-            self._previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self._reported = False
+        sigterm.hold()  # a no-op if launch/train.py already holds it
 
-    def _on_sigterm(self, signum, frame) -> None:
-        del signum, frame
-        self.requested = True
-        logging.warning("SIGTERM received: saving a checkpoint at the next agreed step.")
+    @property
+    def requested(self) -> bool:
+        if sigterm.requested() and not self._reported:
+            self._reported = True
+            logging.warning("SIGTERM received: saving a checkpoint at the next agreed step.")
+        return sigterm.requested()
 
     def should_stop(self, mesh: Mesh) -> bool:
         """Call once per step on every process (the votes pair up by call order), after
         dispatching the step's update."""
-        if not self._armed:  # grain's workers exist now, ignoring SIGTERM
-            self._armed = True
-            if self._main:
-                signal.signal(signal.SIGTERM, self._on_sigterm)
         if jax.process_count() == 1:
             return self.requested
         decided = self._pending_vote is not None and bool(self._pending_vote)
@@ -205,8 +195,5 @@ class PreemptionGuard:
         return self._vote(jax.make_array_from_process_local_data(self._sharding, local))
 
     def close(self) -> None:
-        """Puts back the previous SIGTERM handler (the default one if it was not Python's)."""
-        if self._main:
-            self._main = False
-            previous = signal.SIG_DFL if self._previous is None else self._previous
-            signal.signal(signal.SIGTERM, previous)
+        """SIGTERM is fatal again (after the last checkpoint is on disk)."""
+        sigterm.release()

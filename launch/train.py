@@ -15,6 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxclip import sigterm  # noqa: E402
+
+# Before JAX or grain start any thread or process: from here a SIGTERM (preemption) is
+# recorded, and training stops at a step all processes agree on (jaxclip/sigterm.py).
+sigterm.hold()
+
 import _cli  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
@@ -58,6 +64,8 @@ def main(argv: list[str]) -> None:
     from jaxclip.report import dry_run_report
 
     cfg = _cli.load(FLAGS.config, OVERRIDES)
+    if FLAGS.aot or FLAGS.aot_search or FLAGS.dry_run:
+        sigterm.release()  # nothing to checkpoint: SIGTERM ends these at once
     if FLAGS.aot or FLAGS.aot_search:  # before anything starts a JAX backend
         from jaxclip import aot
 

@@ -12,8 +12,8 @@ from test_train import assert_trees_close
 from training_processes import (
     PREEMPTED,
     Training,
+    blocks_sigterm,
     data_workers,
-    ignores_sigterm,
     last_logged_step,
     metrics,
     reference_run,
@@ -42,7 +42,7 @@ def test_two_processes_preempted_and_resumed_train_and_evaluate_like_one_process
     ) as run:
         run.wait_for(lambda: last_logged_step(workdir) >= 2)
         workers = data_workers(run.procs[1].pid)
-        assert workers and all(ignores_sigterm(w) for w in workers)  # only their parent stops them
+        assert workers and all(blocks_sigterm(w) for w in workers)  # only their parent stops them
         # Like SLURM, to the process and its data worker; process 0 (the coordinator) gets none.
         os.killpg(run.procs[1].pid, signal.SIGTERM)
         codes = run.wait()

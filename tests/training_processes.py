@@ -166,10 +166,11 @@ def data_workers(pid: int) -> list[int]:
     return workers
 
 
-def ignores_sigterm(pid: int) -> bool:
+def blocks_sigterm(pid: int) -> bool:
+    """Whether SIGTERM is blocked in the main thread of process `pid` (Linux /proc)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M)[1], 16)
-    return bool(ignored & (1 << (signal.SIGTERM - 1)))
+    blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+    return bool(blocked & (1 << (signal.SIGTERM - 1)))
 
 
 def metrics(workdir: Path) -> list[dict]:
