@@ -9,6 +9,7 @@ evaluation and logging.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from jaxclip import distributed, losses
 from jaxclip import mesh as mesh_lib
 from jaxclip.checkpoint import Checkpointer, CheckpointError, abstract_like
 from jaxclip.data import bad_records
+from jaxclip.data.global_order import GlobalOrderLoader
 from jaxclip.data.pipeline import make_tokenizer, train_loader
 from jaxclip.data.tokenizer import Tokenizer
 from jaxclip.data.transforms import normalize_images
@@ -231,16 +233,68 @@ def _get(tree: dict, dotted: str):
     return list(tree) if isinstance(tree, tuple) else tree
 
 
-def restore_or_init(setup: Setup, checkpointer: Checkpointer, data_iter, step: int | None = None):
-    """The latest (or given) checkpoint, resharded onto this mesh; else a fresh state."""
+def restore_or_init(
+    setup: Setup, checkpointer: Checkpointer, data_iter, loader=None, step: int | None = None
+):
+    """The latest (or given) checkpoint, resharded onto this mesh; else a fresh state.
+
+    The data iterator resumes where the checkpoint left it. grain saves one iterator state
+    per process and data worker; when this run has other counts, a loader whose position
+    follows from the step alone (the shapes world's global order) is put at that step.
+    """
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         return init_state(setup)
-    check_compatible(setup.cfg, checkpointer.read_json(step, "config"), checkpointer.directory)
+    saved_cfg = checkpointer.read_json(step, "config")
+    check_compatible(setup.cfg, saved_cfg, checkpointer.directory)
     target = abstract_like(setup.abstract_state, setup.state_shardings)
-    state = checkpointer.restore(step, target, data_iter)
+    saved_layout = data_layout(checkpointer.read_json(step, "meta"), saved_cfg)
+    layout = data_layout(checkpoint_meta(setup), json.loads(config_lib.to_json(setup.cfg)))
+    if data_iter is None or saved_layout == layout:
+        state = checkpointer.restore(step, target, data_iter)
+    else:
+        state = checkpointer.restore(step, target)
+        _position_data(loader, data_iter, step, saved_layout, layout, saved_cfg, setup.cfg)
     logging.info("Resumed from step %d in %s", step, checkpointer.directory)
     return state
+
+
+def data_layout(meta: dict, cfg: dict) -> tuple[int, int]:
+    """(processes, data workers per process) that wrote or read a data-iterator state."""
+    return int(meta.get("process_count", 1)), int(cfg.get("data", {}).get("worker_count", 0))
+
+
+# What the shapes world's global order depends on (jaxclip/data/global_order.py).
+_ORDER_KEYS = ("source", "batch_size", "seed", "shapes.num_train")
+
+
+def _position_data(loader, data_iter, step, saved_layout, layout, saved_cfg, cfg) -> None:
+    described = (
+        f"The checkpoint's data position was saved by {saved_layout[0]} process(es) with "
+        f"data.worker_count={saved_layout[1]}; this run has {layout[0]} with "
+        f"data.worker_count={layout[1]}."
+    )
+    if not isinstance(loader, GlobalOrderLoader):
+        raise CheckpointError(
+            f"{described} A converted-records dataset (data.source='records') reads per-host "
+            f"ranges, so its position carries over only to the same layout: run "
+            f"{saved_layout[0]} process(es) with --config.data.worker_count={saved_layout[1]}, "
+            f"or train in a fresh --workdir."
+        )
+    saved, now = saved_cfg.get("data", {}), json.loads(config_lib.to_json(cfg))["data"]
+    changed = [
+        f"data.{k}: saved {_get(saved, k)!r}, now {_get(now, k)!r}"
+        for k in _ORDER_KEYS
+        if _get(saved, k) != _get(now, k)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{described} The position follows from the step only with the same data order, "
+            f"and its settings changed ({'; '.join(changed)}). Use the values the run was "
+            f"started with, or a fresh --workdir."
+        )
+    data_iter.set_state(loader.state_after(data_iter, step))
+    logging.info("%s Recomputed it from the step: after global batch %d.", described, step)
 
 
 def evaluate(setup: Setup, encoders: Encoders, evaluators: dict, params) -> dict[str, float]:
@@ -287,7 +341,7 @@ def train(
 
     # --- State: restore from the workdir, or initialize directly sharded ----------------
     checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-    state = restore_or_init(setup, checkpointer, data_iter)
+    state = restore_or_init(setup, checkpointer, data_iter, loader)
     first_step = int(state["step"])
 
     # --- Update step and evaluators ------------------------------------------------------

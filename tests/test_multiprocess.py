@@ -1,14 +1,15 @@
 """Multi-process runtime: 2 processes x 4 CPU devices (gloo) train like 1 process x 8, agree
-on where to stop when one is preempted, and resume."""
+on where to stop when one is preempted, and resume, also in 1 process."""
 
 import json
 import os
+import shutil
 import signal
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from test_train import assert_trees_close
+from test_train import assert_trees_close, index_sums
 from training_processes import (
     PREEMPTED,
     Training,
@@ -24,7 +25,6 @@ from training_processes import (
 
 from jaxclip import distributed
 from jaxclip import mesh as mesh_lib
-from jaxclip.data.global_order import GlobalOrderSampler
 
 
 def test_two_processes_preempted_and_resumed_train_and_evaluate_like_one_process(tmp_path):
@@ -34,8 +34,9 @@ def test_two_processes_preempted_and_resumed_train_and_evaluate_like_one_process
         "eval.tasks": "('zeroshot_colour', 'retrieval')",
         "optim.eps": 1e-4,  # see test_train: keeps the comparison about data and sharding
     }
-    # The children read data in a grain worker process each; the order does not depend on it.
-    config = write_config(tmp_path, "two_processes", {**overrides, "data.worker_count": 1})
+    # The children read data in two grain worker processes each, the reference in none: the
+    # global order depends on neither.
+    config = write_config(tmp_path, "two_processes", {**overrides, "data.worker_count": 2})
     workdir = tmp_path / "two"
     with Training(
         config, workdir, tmp_path / "first", num_processes=2, devices_per_process=4
@@ -52,6 +53,8 @@ def test_two_processes_preempted_and_resumed_train_and_evaluate_like_one_process
     stopped = [int(PREEMPTED.search(run.output(i))[1]) for i in range(2)]
     assert stopped[0] == stopped[1] < 12, run.all_output()
     assert saved_steps(workdir) == [stopped[0]]
+    # The same checkpoint also resumes in one process of 8 devices (without data workers).
+    shutil.copytree(workdir, tmp_path / "continued_in_one")
 
     with Training(
         config, workdir, tmp_path / "second", num_processes=2, devices_per_process=4
@@ -76,33 +79,16 @@ def test_two_processes_preempted_and_resumed_train_and_evaluate_like_one_process
     assert meta["process_count"] == 2
     assert_trees_close(saved_params(cfg, workdir), saved_params(cfg, tmp_path / "one"), rtol=1e-5)
 
-
-@pytest.mark.parametrize("process_count", [2, 4])
-def test_global_batches_do_not_depend_on_the_number_of_processes(process_count):
-    num_records, global_batch, seed = 50, 8, 3
-    single = GlobalOrderSampler(num_records, seed=seed, process_batch=global_batch)
-    samplers = [
-        GlobalOrderSampler(
-            num_records,
-            seed=seed,
-            process_batch=global_batch // process_count,
-            process_index=p,
-            process_count=process_count,
-        )
-        for p in range(process_count)
-    ]
-    local = global_batch // process_count
-    for batch in range(20):  # spans several epochs
-        expected = [single[batch * global_batch + r].record_key for r in range(global_batch)]
-        # The DataLoader asks process p for index i * process_count + p (its i-th record).
-        rows = [
-            s[(batch * local + r) * process_count + p].record_key
-            for p, s in enumerate(samplers)
-            for r in range(local)
-        ]
-        assert rows == expected
-    epoch = [single[i].record_key for i in range(num_records)]
-    assert sorted(epoch) == list(range(num_records))
+    reference_run(tmp_path / "continued_in_one", overrides)
+    # Steps after the preemption read the global batches of the uninterrupted run.
+    continued = index_sums(tmp_path / "continued_in_one")
+    assert continued == index_sums(tmp_path / "one")
+    assert len(set(continued.values())) == 12
+    assert_trees_close(
+        saved_params(cfg, tmp_path / "continued_in_one"),
+        saved_params(cfg, tmp_path / "one"),
+        rtol=1e-5,
+    )
 
 
 def test_multi_slice_mesh_puts_only_the_data_axis_across_slices():

@@ -15,8 +15,10 @@ import pytest
 from data_fixtures import bomb_png, corrupt_image_bytes, encode, example
 from PIL import Image
 from tiny import tiny_config
+from training_processes import saved_steps
 
 from jaxclip import train as train_lib
+from jaxclip.checkpoint import CheckpointError
 from jaxclip.config import ConfigError
 from jaxclip.data import bad_records, images, record_pipeline, records
 from jaxclip.data.pipeline import make_tokenizer, train_loader
@@ -462,3 +464,12 @@ def test_resuming_with_another_worker_count_says_which_to_set(clean_dir):
     with pytest.raises(ValueError, match=r"worker_count=0; this run has 3.*worker_count=0"):
         other.set_state(state)
     other.close()
+
+
+def test_resuming_records_on_another_layout_is_refused_with_the_layout_to_use(clean_dir, tmp_path):
+    """Per-host ranges: a position saved by one layout means nothing to another."""
+    train_lib.train(records_config([clean_dir], **{"train.steps": 2}), tmp_path, progress=False)
+    other = records_config([clean_dir], **{"train.steps": 4, "data.worker_count": 2})
+    with pytest.raises(CheckpointError, match=r"run 1 process\(es\) with --config.data.worker_co"):
+        train_lib.train(other, tmp_path, progress=False)
+    assert saved_steps(tmp_path) == [2]  # nothing lost

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from jaxclip.data import shapes
-from jaxclip.data.global_order import GlobalOrderSampler
+from jaxclip.data.global_order import GlobalOrderLoader, GlobalOrderSampler
 from jaxclip.data.tokenizer import Tokenizer, shapes_tokenizer
 
 
@@ -114,15 +114,19 @@ def train_loader(
         )
     text_op = TokenizeCaption(tokenizer) if text_store is None else AttachTextEmbedding(text_store)
     # One global shuffled order; each process reads its rows of every global batch, so the
-    # batches are the same whatever the number of processes.
-    sampler = GlobalOrderSampler(len(source), seed=data_cfg.seed, process_batch=process_batch)
-    return grain.DataLoader(
+    # batches are the same whatever the number of processes and data workers.
+    sampler = GlobalOrderSampler(
+        len(source),
+        seed=data_cfg.seed,
+        process_batch=process_batch,
+        worker_count=data_cfg.worker_count,
+    )
+    return GlobalOrderLoader(
         data_source=source,
         sampler=sampler,
         operations=[
             text_op,
             grain.transforms.Batch(batch_size=process_batch, drop_remainder=True),
         ],
-        worker_count=data_cfg.worker_count,
         worker_buffer_size=data_cfg.prefetch,
     )
