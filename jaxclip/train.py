@@ -249,7 +249,7 @@ def restore_or_init(
     check_compatible(setup.cfg, saved_cfg, checkpointer.directory)
     target = abstract_like(setup.abstract_state, setup.state_shardings)
     saved_layout = data_layout(checkpointer.read_json(step, "meta"), saved_cfg)
-    layout = data_layout(checkpoint_meta(setup), json.loads(config_lib.to_json(setup.cfg)))
+    layout = (jax.process_count(), int(setup.cfg.data.worker_count))
     if data_iter is None or saved_layout == layout:
         state = checkpointer.restore(step, target, data_iter)
     else:

@@ -159,38 +159,6 @@ def test_requeue_script_requeues_only_an_unfinished_run(tmp_path):
     assert calls()[-1].startswith("srun ")  # finished: no requeue
 
 
-def test_a_sigterm_to_the_batch_script_waits_for_the_tasks_then_requeues(tmp_path):
-    """Preemption signals the batch script as well as the tasks: the script must not end
-    the job before srun's tasks have saved their checkpoint."""
-    workdir = tmp_path / "run"
-    (workdir / "checkpoints").mkdir(parents=True)
-    (workdir / "config.json").write_text(json.dumps({"train": {"steps": 10}}))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # srun: announces itself, then "saves" step 4 a moment later (it ignores SIGTERM, as the
-    # tasks' trainer records it and goes on to the checkpoint).
-    (bin_dir / "srun").write_text(
-        f"#!/bin/sh\ntrap '' TERM\ntouch {tmp_path}/started\nsleep 2\n"
-        f"mkdir {workdir}/checkpoints/4\necho saved\n"
-    )
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $*" > {tmp_path}/requeued\n')
-    for tool in ("srun", "scontrol"):
-        (bin_dir / tool).chmod(0o755)
-    train = TrainCommand("demo", str(workdir), (), sys.executable)
-    script = tmp_path / "job.sbatch"
-    script.write_text(slurm.render_script(make_job(train=train, repo_dir=str(ROOT), requeue=True)))
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77")
-    batch = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    batch.send_signal(signal.SIGTERM)
-    out, _ = batch.communicate(timeout=60)
-    assert batch.returncode == 0, out
-    assert "batch script got SIGTERM" in out and "saved" in out
-    assert (tmp_path / "requeued").read_text().strip() == "scontrol requeue 77"
-
-
 def test_exit_codes_follow_slurm_status_and_signal():
     assert slurm._exit_code("0:0") == 0
     assert slurm._exit_code("3:0") == 3

@@ -9,9 +9,12 @@ Preemption: `--signal=TERM@N` makes SLURM send SIGTERM to every task N seconds b
 time limit; the trainer then saves a checkpoint at a step all processes agree on and exits 0.
 With `--requeue` the script puts itself back in the queue when the run stopped before its
 last step, and the next start resumes from that checkpoint. A preempting job that SLURM
-requeues itself (PreemptMode=REQUEUE) resumes the same way. A SIGTERM to the whole job
-(`scancel --full`, preemption) also reaches the batch script, which traps it and waits for
-the tasks rather than ending the job before they have saved.
+requeues itself (PreemptMode=REQUEUE) resumes the same way.
+
+Both of those signal the job *steps* (the tasks), never this script or its `srun`: srun turns
+a SIGTERM of its own into SIGKILL of every task ("forcing job termination"). So the notice
+must not be `--signal=B:TERM`, and `scancel --full` (which signals the batch script too)
+kills the tasks instead of stopping them; `scancel --signal=TERM JOBID` is the graceful one.
 """
 
 from __future__ import annotations
@@ -124,9 +127,6 @@ def render_script(job: SlurmJob) -> str:
         *(f"export {name}={shlex.quote(value)}" for name, value in job.env),
         'echo "jaxclip: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}'
         ' on ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} tasks"',
-        # A preemption signals this script too. Trapped, bash runs the trap only after srun
-        # returns: the script outlives the tasks' checkpoint instead of dying before it.
-        "trap 'echo \"jaxclip: batch script got SIGTERM; waiting for the tasks to save\"' TERM",
         # One task failing must stop the others, which would wait in a collective forever.
         f"srun --kill-on-bad-exit=1 {job.train.shell()}",
     ]
