@@ -234,7 +234,7 @@ def _get(tree: dict, dotted: str):
 
 
 def restore_or_init(
-    setup: Setup, checkpointer: Checkpointer, data_iter, loader=None, step: int | None = None
+    setup: Setup, checkpointer: Checkpointer, data_iter, loader, step: int | None = None
 ):
     """The latest (or given) checkpoint, resharded onto this mesh; else a fresh state.
 
