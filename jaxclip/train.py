@@ -32,7 +32,6 @@ from jaxclip.checkpoint import Checkpointer, CheckpointError, abstract_like
 from jaxclip.data import bad_records
 from jaxclip.data.global_order import GlobalOrderLoader
 from jaxclip.data.pipeline import make_tokenizer, train_loader
-from jaxclip.data.tokenizer import Tokenizer
 from jaxclip.data.transforms import normalize_images
 from jaxclip.evaluate import registry
 from jaxclip.evaluate.encoders import Encoders
@@ -40,6 +39,7 @@ from jaxclip.metrics_writer import MetricsWriter
 from jaxclip.models.build import build_model, compute_dtype
 from jaxclip.models.layers import l2_normalize
 from jaxclip.optim import decay_mask, make_optimizer
+from jaxclip.tokenizer import Tokenizer
 
 
 class WorkdirError(RuntimeError):

@@ -5,7 +5,8 @@ import pickle
 import numpy as np
 
 from jaxclip.data import shapes
-from jaxclip.data.tokenizer import EOT, SOT, Tokenizer, shapes_tokenizer
+from jaxclip.data.shapes import shapes_tokenizer
+from jaxclip.tokenizer import EOT, SOT, Tokenizer
 
 
 def test_shapes_tokenizer_round_trips_captions():

@@ -13,13 +13,13 @@ import numpy as np
 
 from jaxclip.data import shapes
 from jaxclip.data.global_order import GlobalOrderLoader, GlobalOrderSampler
-from jaxclip.data.tokenizer import Tokenizer, shapes_tokenizer
+from jaxclip.tokenizer import Tokenizer
 
 
 def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
     """The configured tokenizer: 'shapes' (built from the shapes vocabulary) or a JSON path."""
     if data_cfg.tokenizer == "shapes":
-        return shapes_tokenizer(data_cfg.context_length)
+        return shapes.shapes_tokenizer(data_cfg.context_length)
     return Tokenizer.from_file(data_cfg.tokenizer, data_cfg.context_length)
 
 

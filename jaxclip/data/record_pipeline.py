@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxclip.config import ConfigError
 from jaxclip.data import bad_records, images, records
-from jaxclip.data.tokenizer import Tokenizer
+from jaxclip.tokenizer import Tokenizer
 
 CAPTION_MODES = ("random", "first")
 

@@ -43,6 +43,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxclip.tokenizer import Tokenizer, word_level_tokenizer
+
 SHAPES: tuple[str, ...] = (
     "circle",
     "square",
@@ -368,6 +370,11 @@ def vocabulary() -> list[str]:
     texts = [t.format("") for t in PROMPT_TEMPLATES]
     texts += [*SHAPES, *COLOURS, *SIZES, *RELATIONS, GENERIC_NOUN, "a", "and"]
     return sorted({w for text in texts for w in text.split()})
+
+
+def shapes_tokenizer(context_length: int = 32) -> Tokenizer:
+    """The word-level tokenizer of every word a caption or prompt can contain."""
+    return word_level_tokenizer(vocabulary(), context_length)
 
 
 def class_names(task: str) -> list[str]:

@@ -11,8 +11,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxclip import mesh as mesh_lib
-from jaxclip.data.tokenizer import Tokenizer
 from jaxclip.data.transforms import normalize_images
+from jaxclip.tokenizer import Tokenizer
 
 
 class Encoders:

@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxclip.data.tokenizer import Tokenizer
 from jaxclip.models import layers
+from jaxclip.tokenizer import Tokenizer
 
 Array = jax.Array
 DType = Any

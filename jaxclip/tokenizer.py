@@ -4,8 +4,9 @@ It turns a batch of strings into fixed-length ``int32`` token and mask arrays. T
 is delegated to ``tokenizers`` because it knows how many special tokens the
 post-processor adds, so a truncated sequence still ends with the end-of-text token.
 
-``shapes_tokenizer`` builds a word-level tokenizer for the shapes world offline and
-deterministically from ``shapes.vocabulary()``.
+``word_level_tokenizer`` builds a word-level tokenizer offline and deterministically from a
+word list (the shapes world's vocabulary, for instance). This module sits beside models and
+data, which both use it, and imports neither.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from typing import Any
 import numpy as np
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
-
-from jaxclip.data import shapes
 
 PAD, UNK, SOT, EOT = "<pad>", "<unk>", "<sot>", "<eot>"
 # Names tried, in order, to find the padding id of an arbitrary tokenizer.
@@ -113,14 +112,13 @@ class Tokenizer:
         self._setup(state["json"], state["context_length"], state["pad_id"])
 
 
-def shapes_tokenizer(context_length: int = 32) -> Tokenizer:
-    """Word-level tokenizer over the shapes-world vocabulary: ``<sot> words <eot>``.
+def word_level_tokenizer(words: Sequence[str], context_length: int = 32) -> Tokenizer:
+    """Word-level tokenizer over `words`: ``<sot> words <eot>``, unknown words ``<unk>``.
 
-    Built offline from ``shapes.vocabulary()``; ids are ``<pad>`` 0, ``<unk>`` 1,
-    ``<sot>`` 2, ``<eot>`` 3, then the sorted words, so the JSON is byte-identical on
-    every build.
+    Ids are ``<pad>`` 0, ``<unk>`` 1, ``<sot>`` 2, ``<eot>`` 3, then the sorted distinct
+    words, so the JSON is byte-identical on every build from the same words.
     """
-    vocab = {tok: i for i, tok in enumerate([PAD, UNK, SOT, EOT, *shapes.vocabulary()])}
+    vocab = {tok: i for i, tok in enumerate([PAD, UNK, SOT, EOT, *sorted(set(words))])}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     # Whitespace splits on \w+|[^\w\s]+, i.e. on whitespace and around punctuation.
