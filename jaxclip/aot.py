@@ -4,7 +4,7 @@
     python launch/train.py --config vit_b16_clip --aot 8xH100 --aot_search
 
 On the target's compile-only devices (`aot_targets`) we build the mesh, shardings and
-train step exactly as training does (`train.build`, `train.make_train_step`), lower the
+train step exactly as training does (`run_setup.build`, `train_step.make_train_step`), lower the
 step on abstract state and batch (nothing is allocated) and compile it. XLA's memory
 analysis gives the per-device bytes, which we compare with the device's memory (on a GPU,
 the pool JAX preallocates). The TPU compiler refuses some programs larger than HBM itself
@@ -25,11 +25,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 
 from jaxclip import config as config_lib
 from jaxclip import mesh as mesh_lib
-from jaxclip import train as train_lib
+from jaxclip import run_setup
 from jaxclip.aot_targets import (
     GIB,
     AotError,
@@ -40,47 +39,21 @@ from jaxclip.aot_targets import (
     prepare_host,
     target_devices,
 )
-from jaxclip.data.embedding_store import STORE_DTYPE
+from jaxclip.train_step import make_train_step
 
 __all__ = ["AotError", "Target", "check_fit", "largest_batch", "parse_target", "run"]
 
 # --- Compiling the real step ---------------------------------------------------------------
 
 
-def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each field of one global batch, as the loader feeds the step."""
-    b, size = cfg.data.batch_size, cfg.data.image_size
-    spec = {"image": ((b, size, size, 3), np.dtype(np.uint8))}
-    if cfg.model.kind == "lift":  # the frozen encoder's stored caption embeddings
-        spec["text_emb"] = ((b, cfg.text_encoder.dim), np.dtype(STORE_DTYPE))
-    else:
-        spec["tokens"] = spec["mask"] = ((b, cfg.data.context_length), np.dtype(np.int32))
-    return spec
-
-
-def abstract_inputs(setup: train_lib.Setup) -> tuple[dict, dict]:
-    """The step's (state, batch) as ShapeDtypeStructs carrying their shardings."""
-    state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        setup.abstract_state,
-        setup.state_shardings,
-    )
-    batch = {
-        name: jax.ShapeDtypeStruct(
-            shape, dtype, sharding=mesh_lib.batch_sharding(setup.mesh, len(shape))
-        )
-        for name, (shape, dtype) in batch_spec(setup.cfg).items()
-    }
-    return state, batch
-
-
 def compile_train_step(
     cfg: ml_collections.ConfigDict, devices: Sequence | None = None, options: dict | None = None
 ):
-    """`train.make_train_step` lowered on abstract inputs and compiled for `devices`."""
-    setup = train_lib.build(cfg, devices)
-    step = train_lib.make_train_step(setup)
-    return step.lower(*abstract_inputs(setup)).compile(compiler_options=options or None)
+    """The train step lowered on abstract inputs (the batch contract) and compiled for
+    `devices`."""
+    setup = run_setup.build(cfg, devices)
+    step = make_train_step(setup)
+    return step.lower(*setup.abstract_inputs()).compile(compiler_options=options or None)
 
 
 def compiled_flops(compiled) -> float | None:

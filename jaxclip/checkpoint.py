@@ -1,4 +1,7 @@
-"""Orbax checkpoints: train state + grain iterator state + config + metadata, in one step dir.
+"""Orbax checkpoints: train state + config + metadata, in one step dir.
+
+The data position needs no state of its own: the global data order makes step N's batch a
+function of N (`data/global_order.py`), and the metadata carries the bad-record totals.
 
 Saving is asynchronous (training continues while the arrays are written). Restoring takes
 abstract targets carrying the *current* shardings, so a checkpoint written on 8 devices
@@ -11,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -53,7 +55,6 @@ class Checkpointer:
         self,
         step: int,
         state: Any,
-        data_iterator: Any,
         config_json: str,
         meta: dict,
         *,
@@ -64,8 +65,6 @@ class Checkpointer:
             config=ocp.args.JsonSave(json.loads(config_json)),
             meta=ocp.args.JsonSave(meta),
         )
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def read_json(self, step: int, name: str) -> dict:
@@ -80,12 +79,10 @@ class Checkpointer:
                 f"use a fresh --workdir."
             ) from e
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+    def restore(self, step: int, abstract_state: Any) -> Any:
         """Restores `step` into the shapes/shardings of `abstract_state`; returns the state."""
         step_dir = self.directory / str(step)
         items = dict(state=ocp.args.StandardRestore(abstract_state))
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax raises many types; all mean "cannot use this step".
@@ -96,9 +93,6 @@ class Checkpointer:
                 f"previous step, pass --step to pick another, or train in a fresh --workdir."
             ) from e
         return restored.state
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -173,7 +173,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.context_length = 77
     d.seed = 0
     d.worker_count = 0  # grain worker processes per host (0 = in the main process)
+    d.read_threads = 2  # threads per worker that read and decode examples
     d.prefetch = 2  # batches buffered per worker
+    # Which of an example's usable captions it trains with: "random" (drawn each time the
+    # example is read) or "first".
+    d.caption = "random"
     d.shapes = ml_collections.ConfigDict(
         dict(
             num_train=1_000_000, num_eval=512, max_objects=3, caption_style="mixed", noise_prob=0.0
@@ -181,8 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # data.source="records" (docs/data.md): comma-separated dataset directories written by
     # launch/prepare_data.py, each optionally "dir:weight" for a weighted mixture.
-    # caption: "random" (one of a record's captions, redrawn each epoch) or "first".
-    d.records = ml_collections.ConfigDict(dict(paths="", caption="random", read_threads=2))
+    d.records = ml_collections.ConfigDict(dict(paths=""))
     # Training crops of real images: open_clip's defaults (AugmentationCfg: area scale
     # 0.9-1.0, torchvision's aspect range 3/4-4/3, no flip: captions say "left"/"right").
     d.augment = ml_collections.ConfigDict(
@@ -192,7 +195,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.bad_fraction_min_records = 1000  # ... judged once this many records were read
     d.max_image_pixels = 89_478_485  # larger images are refused unread (decompression bombs)
 
-    c.loss = ml_collections.ConfigDict(dict(kind="contrastive", positive_weight=0.0, chunk_size=0))
+    # kind "" = the model kind's default objective (jaxclip/model_kinds.py).
+    c.loss = ml_collections.ConfigDict(dict(kind="", positive_weight=0.0, chunk_size=0))
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 5e-4

@@ -10,6 +10,7 @@ plain single process. It must run before anything touches a JAX device.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -132,17 +133,27 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def process_sum(value: int) -> int:
-    """The exact sum of an integer over all processes (one small collective; every process
+def process_sums(values: Sequence[int]) -> list[int]:
+    """The exact sums of integers over all processes (one small collective; every process
     must call it). Sent as base-2**20 digits: JAX arrays are 32-bit unless x64 is enabled."""
+    values = [int(v) for v in values]
     if jax.process_count() == 1:
-        return int(value)
-    if value < 0 or value >= 2**60:
-        raise ValueError(f"process_sum handles 0 <= value < 2**60, got {value}.")
-    digits = np.array([(value >> shift) & (2**20 - 1) for shift in (40, 20, 0)], np.int32)
+        return values
+    if any(v < 0 or v >= 2**60 for v in values):
+        raise ValueError(f"process_sums handles 0 <= value < 2**60, got {values}.")
+    digits = np.array(
+        [[(v >> shift) & (2**20 - 1) for shift in (40, 20, 0)] for v in values], np.int32
+    )
     gathered = np.asarray(multihost_utils.process_allgather(digits)).astype(np.int64)
-    high, mid, low = (int(x) for x in gathered.sum(axis=0))
-    return (high << 40) + (mid << 20) + low
+    high, mid, low = (gathered.sum(axis=0)[:, i] for i in range(3))
+    return [
+        (int(h) << 40) + (int(m) << 20) + int(lo) for h, m, lo in zip(high, mid, low, strict=True)
+    ]
+
+
+def process_sum(value: int) -> int:
+    """`process_sums` of one integer."""
+    return process_sums([value])[0]
 
 
 class PreemptionGuard:

@@ -32,6 +32,8 @@ def dry_run_report(setup) -> str:
         f"  params     {_gib(p_bytes)}",
         f"  opt state  {_gib(o_bytes)}",
         f"  total      {_gib(p_bytes + o_bytes)}",
-        f"global batch: {setup.cfg.data.batch_size}",
+        f"global batch: {setup.cfg.data.batch_size} ({setup.kind.name}), per example:",
     ]
+    for name, field in setup.batch_fields.items():
+        lines.append(f"  {name:<9}{str(field.shape):<16}{field.dtype}")
     return "\n".join(lines)

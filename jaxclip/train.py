@@ -1,182 +1,38 @@
-"""Training: build everything from a config, then run the loop. Reads top to bottom.
+"""Training: the loop, reading top to bottom. One step of training is in `train_step.py`;
+building the run (mesh, model, shardings, optimizer) in `run_setup.py`.
 
-`build()` makes the mesh, tokenizer, abstract model, shardings and optimizer without
-allocating parameters; `init_state()` creates the state directly sharded;
-`make_train_step()` is the jitted update; `train()` is the loop with data, checkpoints,
-evaluation and logging.
+`train()` prepares the workdir, builds the run, opens the caption features the model kind
+needs, restores the latest checkpoint (or initializes the state directly sharded), starts
+the data at the step reached, and loops: step, log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax import nnx
-from jax.sharding import Mesh
 from tqdm import tqdm
 
 import jaxclip
 from jaxclip import config as config_lib
-from jaxclip import distributed, losses
+from jaxclip import distributed, run_setup
 from jaxclip import mesh as mesh_lib
 from jaxclip.checkpoint import Checkpointer, CheckpointError, abstract_like
-from jaxclip.data import bad_records
-from jaxclip.data.global_order import GlobalOrderLoader
-from jaxclip.data.pipeline import make_tokenizer, train_loader
-from jaxclip.data.transforms import normalize_images
+from jaxclip.data import bad_records, pipeline
+from jaxclip.data.sources import training_sources
 from jaxclip.evaluate import registry
-from jaxclip.evaluate.encoders import Encoders
+from jaxclip.evaluate.encoders import Encoders, run_encoders
 from jaxclip.metrics_writer import MetricsWriter
-from jaxclip.models.build import build_model, compute_dtype
-from jaxclip.models.layers import l2_normalize
-from jaxclip.optim import decay_mask, make_optimizer
-from jaxclip.tokenizer import Tokenizer
+from jaxclip.run_setup import RunSetup
+from jaxclip.train_step import make_train_step
 
 
 class WorkdirError(RuntimeError):
     """The work directory cannot be used."""
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything a run needs, built abstractly (no parameter is allocated yet)."""
-
-    cfg: ml_collections.ConfigDict
-    mesh: Mesh
-    tokenizer: Tokenizer
-    graphdef: Any
-    abstract_state: dict  # {'step', 'params', 'opt_state'} of ShapeDtypeStructs
-    state_shardings: dict
-    tx: optax.GradientTransformation
-    schedule: Any
-    model_fn: Any
-
-    @property
-    def param_shardings(self):
-        return self.state_shardings["params"]
-
-
-def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
-    """Mesh, tokenizer, model graph, optimizer and state shardings from the config."""
-    mesh = mesh_lib.make_mesh(cfg.mesh.shape, devices)
-    tokenizer = make_tokenizer(cfg.data)
-    rules = dict(cfg.mesh.rules)
-    vocab_size = cfg.model.text.vocab_size or tokenizer.vocab_size
-    if vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model.text.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}); set it to 0 to follow the tokenizer."
-        )
-
-    def model_fn():
-        return build_model(
-            cfg.model,
-            image_size=cfg.data.image_size,
-            vocab_size=vocab_size,
-            rngs=nnx.Rngs(cfg.seed),
-        )
-
-    abstract_model = nnx.eval_shape(model_fn)
-    graphdef, abstract_vars = nnx.split(abstract_model)
-    param_specs = nnx.to_pure_dict(mesh_lib.state_specs(abstract_vars, rules, mesh))
-    abstract_params = nnx.to_pure_dict(abstract_vars)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, decay_mask(abstract_vars))
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    # Optimizer moments mirror the parameters' layout; scalars (counts) are replicated.
-    opt_specs = optax.tree_map_params(
-        tx,
-        lambda _, spec: spec,
-        abstract_opt,
-        param_specs,
-        transform_non_params=lambda _: jax.sharding.PartitionSpec(),
-        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-    )
-    specs = {"step": jax.sharding.PartitionSpec(), "params": param_specs, "opt_state": opt_specs}
-    abstract_state = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "params": abstract_params,
-        "opt_state": abstract_opt,
-    }
-    return Setup(
-        cfg=cfg,
-        mesh=mesh,
-        tokenizer=tokenizer,
-        graphdef=graphdef,
-        abstract_state=abstract_state,
-        state_shardings=mesh_lib.named(mesh, specs),
-        tx=tx,
-        schedule=schedule,
-        model_fn=model_fn,
-    )
-
-
-def init_state(setup: Setup) -> dict:
-    """Creates parameters and optimizer state already sharded: no full host copy exists."""
-
-    def init():
-        params = nnx.to_pure_dict(nnx.state(setup.model_fn()))
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": setup.tx.init(params),
-        }
-
-    return jax.jit(init, out_shardings=setup.state_shardings)()
-
-
-def make_train_step(setup: Setup):
-    """The jitted update: forward both towers, global loss, AdamW; the state is donated."""
-    cfg, mesh, graphdef = setup.cfg, setup.mesh, setup.graphdef
-    dtype = compute_dtype(cfg.model)
-
-    lift = cfg.model.kind == "lift"
-
-    def loss_fn(params, batch):
-        model = nnx.merge(graphdef, params)
-        images = normalize_images(batch["image"], dtype)
-        if lift:  # the text side is the frozen encoder's stored embedding: no text tower
-            out = model(images)
-            out["text"] = l2_normalize(batch["text_emb"].astype(jnp.float32))
-        else:
-            out = model(images, batch["tokens"], batch["mask"])
-        return losses.objective(
-            out["image"],
-            out["text"],
-            out["scale"],
-            out["bias"],
-            mesh=mesh,
-            kind=cfg.loss.kind,
-            positive_weight=cfg.loss.positive_weight,
-            chunk_size=cfg.loss.chunk_size or None,
-        )
-
-    def train_step(state, batch):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], batch)
-        updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]))
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        return new_state, metrics
-
-    text_fields = ("text_emb",) if lift else ("tokens", "mask")
-    batch_shardings = {"image": mesh_lib.batch_sharding(mesh, 4)}
-    batch_shardings.update({name: mesh_lib.batch_sharding(mesh, 2) for name in text_fields})
-    return jax.jit(
-        train_step,
-        in_shardings=(setup.state_shardings, batch_shardings),
-        out_shardings=(setup.state_shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
 
 
 def prepare_workdir(workdir: str | Path) -> Path:
@@ -195,14 +51,34 @@ def prepare_workdir(workdir: str | Path) -> Path:
     return path
 
 
-def checkpoint_meta(setup: Setup) -> dict:
+def data_order(cfg: ml_collections.ConfigDict, sources) -> dict:
+    """What the global data order depends on: the same values give the same batch at step N."""
+    return {
+        "batch_size": int(cfg.data.batch_size),
+        "seed": int(cfg.data.seed),
+        "caption": str(cfg.data.caption),
+        "datasets": [
+            {
+                "name": s.identity["name"],
+                "content_hash": s.identity["content_hash"],
+                "num_examples": len(s),
+                "weight": float(w),
+            }
+            for s, w in sources
+        ],
+    }
+
+
+def checkpoint_meta(setup: RunSetup, order: dict, data_totals: dict) -> dict:
     return {
         "jaxclip_version": jaxclip.__version__,
+        "model_kind": setup.kind.name,
+        **setup.kind.identity(setup.cfg, setup.tokenizer),
         "mesh": dict(setup.mesh.shape),
         "num_devices": int(setup.mesh.devices.size),
         "process_count": jax.process_count(),
-        "tokenizer": setup.tokenizer.identity,
-        "text_encoder": setup.cfg.text_encoder.name if setup.cfg.model.kind == "lift" else None,
+        "data_order": order,
+        "data_totals": data_totals,  # bad-record counts over every process, up to this step
     }
 
 
@@ -234,70 +110,40 @@ def _get(tree: dict, dotted: str):
 
 
 def restore_or_init(
-    setup: Setup, checkpointer: Checkpointer, data_iter, loader, step: int | None = None
-):
-    """The latest (or given) checkpoint, resharded onto this mesh; else a fresh state.
-
-    The data iterator resumes where the checkpoint left it. grain saves one iterator state
-    per process and data worker; when this run has other counts, a loader whose position
-    follows from the step alone (the shapes world's global order) is put at that step.
-    """
+    setup: RunSetup, checkpointer: Checkpointer, order: dict, step: int | None = None
+) -> tuple[dict, dict | None]:
+    """(state, bad-record totals) of the latest (or given) checkpoint, resharded onto this
+    mesh; else a fresh state. The data position is the step itself: global batch N is the
+    same for any number of processes or data workers, so nothing else is restored."""
     step = checkpointer.latest_step() if step is None else step
     if step is None:
-        return init_state(setup)
+        return run_setup.init_state(setup), None
     saved_cfg = checkpointer.read_json(step, "config")
     check_compatible(setup.cfg, saved_cfg, checkpointer.directory)
+    meta = checkpointer.read_json(step, "meta")
+    check_same_order(meta.get("data_order"), order, checkpointer.directory / str(step))
     target = abstract_like(setup.abstract_state, setup.state_shardings)
-    saved_layout = data_layout(checkpointer.read_json(step, "meta"), saved_cfg)
-    layout = (jax.process_count(), int(setup.cfg.data.worker_count))
-    if data_iter is None or saved_layout == layout:
-        state = checkpointer.restore(step, target, data_iter)
-    else:
-        state = checkpointer.restore(step, target)
-        _position_data(loader, data_iter, step, saved_layout, layout, saved_cfg, setup.cfg)
+    state = checkpointer.restore(step, target)
     logging.info("Resumed from step %d in %s", step, checkpointer.directory)
-    return state
+    # Every process continues its own count; process 0 carries the totals so far.
+    return state, meta.get("data_totals") if jax.process_index() == 0 else None
 
 
-def data_layout(meta: dict, cfg: dict) -> tuple[int, int]:
-    """(processes, data workers per process) that wrote or read a data-iterator state."""
-    return int(meta.get("process_count", 1)), int(cfg.get("data", {}).get("worker_count", 0))
-
-
-# What the shapes world's global order depends on (jaxclip/data/global_order.py).
-_ORDER_KEYS = ("source", "batch_size", "seed", "shapes.num_train")
-
-
-def _position_data(loader, data_iter, step, saved_layout, layout, saved_cfg, cfg) -> None:
-    described = (
-        f"The checkpoint's data position was saved by {saved_layout[0]} process(es) with "
-        f"data.worker_count={saved_layout[1]}; this run has {layout[0]} with "
-        f"data.worker_count={layout[1]}."
-    )
-    if not isinstance(loader, GlobalOrderLoader):
-        raise CheckpointError(
-            f"{described} A converted-records dataset (data.source='records') reads per-host "
-            f"ranges, so its position carries over only to the same layout: run "
-            f"{saved_layout[0]} process(es) with --config.data.worker_count={saved_layout[1]}, "
-            f"or train in a fresh --workdir."
-        )
-    saved, now = saved_cfg.get("data", {}), json.loads(config_lib.to_json(cfg))["data"]
+def check_same_order(saved: dict | None, now: dict, step_dir: Path) -> None:
+    """Refuses to continue a run whose data order would differ from the one it trained on."""
+    if saved is None or saved == now:
+        return
     changed = [
-        f"data.{k}: saved {_get(saved, k)!r}, now {_get(now, k)!r}"
-        for k in _ORDER_KEYS
-        if _get(saved, k) != _get(now, k)
+        f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]
     ]
-    if changed:
-        raise CheckpointError(
-            f"{described} The position follows from the step only with the same data order, "
-            f"and its settings changed ({'; '.join(changed)}). Use the values the run was "
-            f"started with, or a fresh --workdir."
-        )
-    data_iter.set_state(loader.state_after(data_iter, step))
-    logging.info("%s Recomputed it from the step: after global batch %d.", described, step)
+    raise CheckpointError(
+        f"The checkpoint {step_dir} was trained on another data order, so its step does not "
+        f"say where to continue ({'; '.join(changed)}). Use the data settings and datasets the "
+        f"run was started with, or a fresh --workdir."
+    )
 
 
-def evaluate(setup: Setup, encoders: Encoders, evaluators: dict, params) -> dict[str, float]:
+def evaluate(encoders: Encoders, evaluators: dict, params) -> dict[str, float]:
     encoders.params = params
     try:
         return registry.run_all(evaluators, encoders)
@@ -326,36 +172,33 @@ def train(
     if distributed.is_primary():
         (workdir / "config.json").write_text(config_lib.to_json(cfg))
 
-    # --- Mesh, model and optimizer (abstract), data ------------------------------------
-    setup = build(cfg, devices)
+    # --- Mesh, model and optimizer (abstract) -----------------------------------------
+    setup = run_setup.build(cfg, devices)
     logging.info("Mesh: %s", mesh_lib.describe(setup.mesh))
-    process_batch = mesh_lib.batch_size_per_process(cfg.data.batch_size, setup.mesh)
-    # LIFT: the frozen encoder's caption embeddings, checked before anything compiles.
-    store = None
-    if cfg.model.kind == "lift":
-        from jaxclip.data import text_embeddings
-
-        store = text_embeddings.open_for_training(cfg, progress=progress)
-    loader = train_loader(cfg.data, setup.tokenizer, process_batch, text_store=store)
-    data_iter = iter(loader)
+    # Tokens, or (LIFT) the frozen encoder's stored embeddings, checked before compiling.
+    caption_features = setup.kind.caption_features(cfg, setup.tokenizer, progress=progress)
+    sources = training_sources(cfg.data)
+    order = data_order(cfg, sources)
 
     # --- State: restore from the workdir, or initialize directly sharded ----------------
     checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-    state = restore_or_init(setup, checkpointer, data_iter, loader)
+    state, data_totals = restore_or_init(setup, checkpointer, order)
     first_step = int(state["step"])
+
+    # --- Data, from the global batch this step trains on --------------------------------
+    batches = pipeline.train_loader(
+        cfg.data,
+        caption_features,
+        mesh_lib.batch_size_per_process(cfg.data.batch_size, setup.mesh),
+        start_batch=first_step,
+        totals=data_totals,
+        sources=sources,
+    )
 
     # --- Update step and evaluators ------------------------------------------------------
     train_step = make_train_step(setup)
     evaluators = registry.build_evaluators(cfg)
-    encoders = Encoders(
-        setup.graphdef,
-        None,
-        setup.mesh,
-        setup.tokenizer,
-        cfg.eval.batch_size,
-        compute_dtype(cfg.model),
-        text_lookup=store.eval_text_embeddings if store is not None else None,
-    )
+    encoders = run_encoders(setup)
 
     # --- Loop ---------------------------------------------------------------------------
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
@@ -370,9 +213,8 @@ def train(
     tick, tick_step = time.perf_counter(), first_step
     in_flight, stopping = None, False
     for step in range(first_step + 1, last_step + 1):
-        local = next(data_iter)
-        index_sum = int(np.sum(local.pop("index")))
-        data_stats = bad_records.pop_metrics(local)  # records read / skipped (this host)
+        local = next(batches)
+        index_sum = int(np.sum(local.pop("index")))  # which records: logged to check order
         state, metrics = train_step(state, mesh_lib.global_batch(setup.mesh, local))
         # Wait for the previous step, not this one: one step stays queued (the device never
         # idles) and the bar counts finished steps, so its rate and ETA are real.
@@ -387,15 +229,16 @@ def train(
             now = time.perf_counter()
             images_per_s = (step - tick_step) * cfg.data.batch_size / max(now - tick, 1e-9)
             tick, tick_step = now, step
-            index_sum = distributed.process_sum(index_sum)  # over the global batch
+            # Over the global batch, and the bad records over every process so far.
+            index_sum, seen, bad = distributed.process_sums([index_sum, batches.seen, batches.bad])
             metrics.update({"images_per_s": images_per_s, "data/index_sum": index_sum})
-            metrics.update(data_stats)
+            metrics.update(bad_records.metrics(seen, bad))
             writer.write(step, metrics, prefix="train/")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
             results.update({f"train/{k}": float(v) for k, v in metrics.items()})
 
         if evaluators and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-            scores = evaluate(setup, encoders, evaluators, state["params"])
+            scores = evaluate(encoders, evaluators, state["params"])
             writer.write(step, scores, prefix="eval/")
             results.update({f"eval/{k}": v for k, v in scores.items()})
             message = f"step {step} eval: {_format(scores)}"
@@ -406,20 +249,17 @@ def train(
             tick = time.perf_counter()  # evaluation time is not training throughput
 
         if step % cfg.train.checkpoint_every == 0 or step == last_step or stopping:
-            checkpointer.save(
-                step,
-                state,
-                data_iter,
-                config_lib.to_json(cfg),
-                checkpoint_meta(setup),
-                force=True,
-            )
+            seen, bad = distributed.process_sums([batches.seen, batches.bad])
+            totals = {"seen_records": seen, "bad_records": bad}
+            meta = checkpoint_meta(setup, order, totals)
+            checkpointer.save(step, state, config_lib.to_json(cfg), meta, force=True)
         if stopping:
             break
     if in_flight is not None:
         in_flight.block_until_ready()
         bar.update(1)
     bar.close()
+    batches.close()
     checkpointer.close()  # waits for the last save to be complete on disk
     preemption.close()
     if stopping:
@@ -430,5 +270,10 @@ def train(
     return results
 
 
+# Bookkeeping in evaluation results, left out of the one-line summary.
+_COUNTS = ("chance", "chance_r1", "examples", "skipped", "images", "captions")
+
+
 def _format(scores: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.3f}" for k, v in sorted(scores.items()) if "chance" not in k)
+    shown = {k: v for k, v in scores.items() if k.rsplit("/", 1)[-1] not in _COUNTS}
+    return ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items()))

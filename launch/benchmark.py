@@ -32,21 +32,6 @@ flags.DEFINE_bool("flops_scan", False, "Compile with scanned layers for the FLOP
 FLAGS = flags.FLAGS
 
 
-def synthetic_batch(cfg, rng):
-    import numpy as np
-
-    b, s, length = cfg.data.batch_size, cfg.data.image_size, cfg.data.context_length
-    batch = {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)}
-    if cfg.model.kind == "lift":  # stored caption embeddings instead of tokens
-        batch["text_emb"] = rng.standard_normal((b, cfg.text_encoder.dim)).astype(np.float16)
-        return batch
-    mask = np.zeros((b, length), np.int32)
-    mask[:, : max(2, length // 2)] = 1
-    batch["tokens"] = rng.integers(0, 8, (b, length)).astype(np.int32) * mask
-    batch["mask"] = mask
-    return batch
-
-
 def measure_flops(cfg) -> dict:
     from jaxclip import aot
 
@@ -71,12 +56,14 @@ def measure_step(cfg) -> dict:
     import numpy as np
 
     from jaxclip import mesh as mesh_lib
-    from jaxclip import train as train_lib
+    from jaxclip import run_setup
+    from jaxclip.train_step import make_train_step
 
-    setup = train_lib.build(cfg)
-    step = train_lib.make_train_step(setup)
-    state = train_lib.init_state(setup)
-    batch = mesh_lib.global_batch(setup.mesh, synthetic_batch(cfg, np.random.default_rng(0)))
+    setup = run_setup.build(cfg)
+    step = make_train_step(setup)
+    state = run_setup.init_state(setup)
+    local = run_setup.synthetic_batch(setup, np.random.default_rng(0))
+    batch = mesh_lib.global_batch(setup.mesh, local)
     t0 = time.perf_counter()
     for _ in range(2):
         state, metrics = step(state, batch)
@@ -99,19 +86,19 @@ def measure_step(cfg) -> dict:
 
 def measure_data(cfg) -> dict:
     from jaxclip import mesh as mesh_lib
-    from jaxclip import train as train_lib
+    from jaxclip import run_setup
     from jaxclip.data.pipeline import train_loader
 
-    setup = train_lib.build(cfg)
-    loader = train_loader(
-        cfg.data, setup.tokenizer, mesh_lib.batch_size_per_process(cfg.data.batch_size, setup.mesh)
-    )
-    it = iter(loader)
+    setup = run_setup.build(cfg)
+    features = setup.kind.caption_features(cfg, setup.tokenizer)
+    process_batch = mesh_lib.batch_size_per_process(cfg.data.batch_size, setup.mesh)
+    it = train_loader(cfg.data, features, process_batch)
     next(it)
     t0 = time.perf_counter()
     for _ in range(FLAGS.batches):
         next(it)
     dt = (time.perf_counter() - t0) / FLAGS.batches
+    it.close()
     return {
         "what": "data",
         "seconds_per_batch": dt,

@@ -2,10 +2,13 @@
 
     python launch/embed_text.py --config NAME [--store_dir DIR] [--config.key=value ...]
 
-Writes an embedding store (see jaxclip/data/embedding_store.py) to --store_dir, else
-cfg.text_encoder.store_dir, else workdirs/embeddings/NAME. Rerunning resumes: finished shards
-are kept. With several processes (SLURM / jax.distributed) each embeds its share of the shards
-on its own devices; process 0 writes the manifest once all shards exist.
+Embeds every usable caption of every record of every dataset the config trains on
+(`data.source=shapes`, or `records` with `data.records.paths`, mixtures included), and the
+prompts and captions of the configured `eval.tasks`, with the configured frozen encoder.
+Writes the store (jaxclip/data/embedding_store.py) to --store_dir, else
+text_encoder.store_dir, else workdirs/embeddings/NAME. Rerunning resumes: finished shards
+are kept. With several processes (SLURM / jax.distributed) each embeds its share of the
+shards on its own devices; process 0 writes the manifests once all shards exist.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
+    from jaxclip import caption_embeddings
     from jaxclip import config as config_lib
     from jaxclip import mesh as mesh_lib
+    from jaxclip.config import ConfigError
     from jaxclip.data import embedding_store as es
-    from jaxclip.data import text_embeddings
+    from jaxclip.data.records import DatasetError
 
     cfg = _cli.load(FLAGS.config, OVERRIDES)
     if FLAGS.store_dir:
@@ -43,8 +48,8 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # one process reports
     started = time.perf_counter()
     try:
-        store_dir = text_embeddings.build(cfg, progress=FLAGS.progress)
-    except es.StoreError as e:
+        store_dir = caption_embeddings.build(cfg, progress=FLAGS.progress)
+    except (es.StoreError, ConfigError, DatasetError) as e:
         sys.exit(f"error: {e}")
     if jax.process_index() == 0:
         elapsed = time.perf_counter() - started

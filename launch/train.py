@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from jaxclip import mesh as mesh_lib
+    from jaxclip import run_setup
     from jaxclip import train as train_lib
     from jaxclip.checkpoint import CheckpointError
     from jaxclip.config import ConfigError
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> None:
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # one process reports
     if FLAGS.dry_run:
-        print(dry_run_report(train_lib.build(cfg)))
+        print(dry_run_report(run_setup.build(cfg)))
         return
     workdir = FLAGS.workdir or f"workdirs/{cfg.name}"
     logging.info("Training %s in %s", cfg.name, workdir)

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
+from jaxclip import run_setup
 from jaxclip import train as train_lib
 from jaxclip.evaluate import registry, run
 from jaxclip.evaluate.encoders import Encoders
-from jaxclip.evaluate.retrieval import recall_at_k
+from jaxclip.evaluate.retrieval import first_hit_ranks, recall_at_k
 
 TASKS = "('zeroshot_shape', 'zeroshot_colour', 'zeroshot_combo_heldout', 'retrieval')"
 
@@ -27,13 +28,15 @@ def test_recall_at_k_against_a_hand_computed_case():
     sim = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.1, 0.7, 0.6]])
     relevant = np.eye(3, dtype=bool)
     # Query 0 ranks itself first; query 1 ranks itself second; query 2 ranks itself second.
-    assert recall_at_k(sim, relevant, ks=(1, 2)) == {1: pytest.approx(1 / 3), 2: 1.0}
+    ranks = first_hit_ranks(sim, relevant)
+    assert ranks.tolist() == [0, 1, 1]
+    assert recall_at_k(ranks, ks=(1, 2)) == {1: pytest.approx(1 / 3), 2: 1.0}
 
 
 def test_untrained_model_is_at_chance():
     cfg = eval_config()
-    setup = train_lib.build(cfg, jax.devices())
-    scores = scores_of(setup, train_lib.init_state(setup))
+    setup = run_setup.build(cfg, jax.devices())
+    scores = scores_of(setup, run_setup.init_state(setup))
     # Balanced evaluation sets: a constant guess scores exactly chance; allow the noise of a
     # random model (256 examples) but nothing like a trained one.
     for task in ("zeroshot_shape", "zeroshot_colour", "zeroshot_combo_heldout"):

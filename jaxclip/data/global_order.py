@@ -1,33 +1,71 @@
-"""One shuffled order of the whole dataset, read by every process in its rows of each batch.
+"""One order of the training examples, the same whatever reads it, and the sampler that reads it.
 
-grain's usual per-process sharding splits the *records* into contiguous ranges and shuffles each
-range on its own, so the global batches of a 2-process run differ from those of a 1-process
-run. Here there is one global order (epoch by epoch, like an unsharded `IndexSampler`), and
-global batch k is positions [k*B, (k+1)*B) of it; process p reads rows [p*b, (p+1)*b) of that
-batch (b = B / process count). The global batches, and so training, depend neither on how many
-processes feed them nor on how many data workers each process runs, and the rows arrive in
-the order the global array lays them out.
+`MixtureOrder` maps a position 0, 1, 2, ... of an endless stream to (dataset, record): each
+dataset is visited in a new random permutation every epoch, and several datasets are
+interleaved in proportion to their weights (grain's `MapDataset.mix`). Global batch k is
+positions [k*B, (k+1)*B). Nothing in it depends on processes or data workers.
 
-Because the position after n batches follows from n alone, a checkpoint's data position also
-carries over to another number of processes or workers (`GlobalOrderLoader.state_after`).
+`GlobalOrderSampler` is the grain sampler that makes a `grain.DataLoader` read that order:
+process p reads rows [p*b, (p+1)*b) of each global batch (b = B / process count), in the
+row order `jax.make_array_from_process_local_data` lays out. grain's DataLoader hands
+data worker w the local records w, w + W, w + 2W, ..., lets each worker batch its own, and
+takes the workers' batches in turn; the sampler undoes that interleaving, so local batch j
+is always global batch j's rows for this process.
+
+The sampler's record key IS the position; the data source (`pipeline.TrainExamples`) turns
+it into an example and draws every random choice about it from the position. A loader can
+start at any global batch (`start_batch`), which is how a checkpoint resumes on any number
+of processes or workers: the position after step N is the start of global batch N.
 """
 
 from __future__ import annotations
-
-import json
 
 import grain
 import numpy as np
 
 
+class _Tag:
+    """Pairs a dataset's record index with the dataset's number (picklable, for workers)."""
+
+    def __init__(self, dataset: int):
+        self.dataset = dataset
+
+    def __call__(self, record) -> tuple[int, int]:
+        return self.dataset, int(record)
+
+
+class MixtureOrder:
+    """position -> (dataset, record) over one or several datasets, epoch after epoch.
+
+    Dataset d's permutations are seeded with `seed + d`; with one dataset the order is
+    `MapDataset.range(n).shuffle(seed)`, epoch after epoch.
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+        if not sizes or min(sizes) <= 0 or len(weights) != len(sizes):
+            raise ValueError(f"Need datasets with records and one weight each: {sizes}, {weights}")
+        self.sizes, self.weights, self.seed = list(sizes), list(weights), seed
+        streams = [
+            grain.MapDataset.range(n).shuffle(seed=seed + d).repeat() for d, n in enumerate(sizes)
+        ]
+        if len(streams) == 1:
+            self._stream = streams[0].map(_Tag(0))
+        else:
+            tagged = [s.map(_Tag(d)) for d, s in enumerate(streams)]
+            self._stream = grain.MapDataset.mix(tagged, weights)
+
+    def __getitem__(self, position: int) -> tuple[int, int]:
+        dataset, record = self._stream[int(position)]
+        return dataset, record % self.sizes[dataset]
+
+    def __repr__(self) -> str:
+        return f"MixtureOrder(sizes={self.sizes}, weights={self.weights}, seed={self.seed})"
+
+
 class GlobalOrderSampler:
     """A grain sampler: the DataLoader asks for index `i * process_count + process_index`
-    (its i-th local record) and gets the record at this process's matching global position.
-
-    With `worker_count` W > 1, grain's DataLoader hands worker w the local records w, w + W,
-    w + 2W, ...; each worker batches its own records, and the loader takes the workers'
-    batches in turn. The sampler undoes that interleaving, so local batch j is still global
-    batch j's rows for this process.
+    (its i-th local record) and gets, as the record key, this process's matching position
+    in the global order.
 
     The process index and count (default: JAX's) are fixed at construction, in the main
     process, so worker processes that unpickle the sampler never touch JAX.
@@ -35,18 +73,18 @@ class GlobalOrderSampler:
 
     def __init__(
         self,
-        num_records: int,
         *,
-        seed: int,
         process_batch: int,
         worker_count: int = 0,
+        start_batch: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if num_records <= 0 or process_batch <= 0 or worker_count < 0:
+        if process_batch <= 0 or worker_count < 0 or start_batch < 0:
             raise ValueError(
-                f"Need records, a positive batch and worker_count >= 0; got num_records="
-                f"{num_records}, process_batch={process_batch}, worker_count={worker_count}."
+                f"Need a positive batch, worker_count >= 0 and start_batch >= 0; got "
+                f"process_batch={process_batch}, worker_count={worker_count}, "
+                f"start_batch={start_batch}."
             )
         if process_index is None or process_count is None:
             self._shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
@@ -54,11 +92,9 @@ class GlobalOrderSampler:
             self._shard_options = grain.sharding.ShardOptions(
                 process_index, process_count, drop_remainder=True
             )
-        self.num_records = num_records
-        self.seed = seed
         self.process_batch = process_batch
         self.worker_count = worker_count
-        self._order = grain.MapDataset.range(num_records).shuffle(seed=seed)
+        self.start_batch = start_batch
 
     @property
     def process_index(self) -> int:
@@ -72,75 +108,31 @@ class GlobalOrderSampler:
     def shard_options(self) -> grain.sharding.ShardOptions:
         return self._shard_options
 
+    @property
+    def global_batch(self) -> int:
+        return self.process_batch * self.process_count
+
     def global_position(self, index: int) -> int:
-        """Where the DataLoader's `index` lies in the global order (endless: epochs repeat)."""
+        """Where the DataLoader's `index` lies in the global order."""
         local, process = divmod(index, self.process_count)
         workers = max(self.worker_count, 1)
         nth, worker = divmod(local, workers)  # the worker's nth record
         worker_batch, row = divmod(nth, self.process_batch)
-        batch = worker_batch * workers + worker  # the workers' batches are taken in turn
+        batch = worker_batch * workers + worker + self.start_batch  # workers take turns
         return (batch * self.process_count + process) * self.process_batch + row
-
-    def record_key(self, position: int) -> int:
-        """The record at `position` of the global order; each epoch has its own shuffle."""
-        return int(self._order[position]) % self.num_records
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if index < 0:
             raise IndexError(f"Sampler index must be non-negative, got {index}.")
-        position = self.global_position(index)
-        # Random transforms draw from the record's position, so they agree across layouts too.
-        rng = np.random.Generator(np.random.Philox(key=self.seed + position))
-        return grain.RecordMetadata(index=index, record_key=self.record_key(position), rng=rng)
-
-    def loader_state(self, template: dict, batches: int) -> dict:
-        """grain's DataLoader iterator state after this process took `batches` batches.
-
-        `template` is any state of the same loader (it carries the version and the reprs grain
-        validates); only the positions are replaced. grain records, per worker, the last
-        sampler index it handed out, and which worker's batch comes next.
-        """
-        if batches < 0:
-            raise ValueError(f"batches must be >= 0, got {batches}.")
-        processes, process = self.process_count, self.process_index
-        workers = max(self.worker_count, 1)
-        stride = workers * processes  # sampler indices between a worker's records
-        last_seen = {}
-        for worker in range(workers):
-            worker_batches = max(0, -(-(batches - worker) // workers))
-            records = worker_batches * self.process_batch
-            last_seen[str(worker)] = process - stride + worker * processes + records * stride
-        return {
-            **template,
-            "last_seen_indices": last_seen,
-            "last_worker_index": (batches % workers) - 1 if self.worker_count else -1,
-            "worker_count": self.worker_count,
-        }
+        return grain.RecordMetadata(index=index, record_key=self.global_position(index))
 
     def __repr__(self) -> str:
-        # grain compares this with the checkpointed one before restoring an iterator.
         return (
-            f"GlobalOrderSampler(num_records={self.num_records}, seed={self.seed}, "
-            f"process_batch={self.process_batch}, process={self.process_index}/"
-            f"{self.process_count})"
+            f"GlobalOrderSampler(process_batch={self.process_batch}, start_batch="
+            f"{self.start_batch}, process={self.process_index}/{self.process_count})"
         )
 
 
-class GlobalOrderLoader(grain.DataLoader):
-    """A grain DataLoader over a `GlobalOrderSampler` that can be put at any step."""
-
-    def __init__(self, *, sampler: GlobalOrderSampler, **kwargs):
-        super().__init__(
-            sampler=sampler,
-            shard_options=sampler.shard_options,
-            worker_count=sampler.worker_count,
-            **kwargs,
-        )
-        self.sampler = sampler
-
-    def state_after(self, iterator, batches: int) -> bytes:
-        """The state (for `iterator.set_state`) that puts `iterator`, one of this loader's,
-        after `batches` batches: the same place in the global order whatever process and
-        worker counts a checkpoint was written with."""
-        template = json.loads(iterator.get_state().decode())
-        return json.dumps(self.sampler.loader_state(template, batches)).encode()
+def positions_of_batch(batch: int, global_batch: int) -> np.ndarray:
+    """The global-order positions of global batch `batch` (for references and tests)."""
+    return np.arange(batch * global_batch, (batch + 1) * global_batch)

@@ -2,7 +2,7 @@
 
 `launch/benchmark.py --what=pipeline` uses these: it writes a few hundred 256-px JPEG records,
 times a plain loop that only decodes and crops them with PIL (the floor any pipeline pays),
-then the real training pipeline (`record_pipeline`) with 1 and 2 worker processes, in one
+then the real training pipeline (`pipeline.train_loader`) with 1 and 2 worker processes, in one
 run, so the ratios compare like with like on whatever load the machine has.
 """
 
@@ -16,15 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import grain
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from jaxclip import config as config_lib
-from jaxclip.data import images, record_pipeline, records, shapes
-from jaxclip.data.pipeline import make_tokenizer
+from jaxclip.data import images, pipeline, records, shapes
 from jaxclip.data.transforms import normalize_images
 
 # Shorter side 256, as launch/prepare_data.py writes by default (--max_side 256, shorter side):
@@ -90,7 +88,11 @@ def bare_decode_crop(directory: str | Path, size: int, crop_scale, crop_ratio) -
 
 
 def pipeline_throughput(
-    data_cfg: ml_collections.ConfigDict, workers: int, batch_size: int, batches: int
+    data_cfg: ml_collections.ConfigDict,
+    workers: int,
+    batch_size: int,
+    batches: int,
+    caption_features: pipeline.CaptionFeatures | None = None,
 ) -> dict:
     """The training pipeline in steady state, batches normalized as the train step does (on
     JAX's default device: the accelerator in training, the CPU here).
@@ -98,17 +100,17 @@ def pipeline_throughput(
     Untimed first: worker start-up and every batch the workers could have buffered
     meanwhile, so the timed batches are produced while they are waited for. Returns
     images/s and CPU milliseconds per image, in the workers and in the main process.
+    `caption_features` defaults to tokenized captions (CLIP batches).
     """
     data_cfg = config_lib.from_dict(data_cfg.to_dict())
     with data_cfg.unlocked():
         data_cfg.worker_count = workers
-    loader = record_pipeline.train_loader(
-        data_cfg, make_tokenizer(data_cfg), batch_size, grain.sharding.NoSharding()
-    )
+    features = caption_features or pipeline.TokenizedCaption(pipeline.make_tokenizer(data_cfg))
+    loader = pipeline.train_loader(data_cfg, features, batch_size, process_index=0, process_count=1)
     normalize = jax.jit(normalize_images)
     image_shape = (batch_size, data_cfg.image_size, data_cfg.image_size, 3)
     jax.block_until_ready(normalize(np.zeros(image_shape, np.uint8)))  # compile first
-    iterator = iter(loader)
+    iterator = loader
     for _ in range(1 + max(workers, 1) * data_cfg.prefetch):
         jax.block_until_ready(normalize(next(iterator)["image"]))
     pids = [p.pid for p in multiprocessing.active_children()]
@@ -136,7 +138,7 @@ def compare(
 ) -> dict:
     """Bare loop vs pipeline (1 and 2 workers), `repeats` interleaved rounds; medians.
 
-    Each pipeline worker decodes in one thread (data.records.read_threads=0), so images/s
+    Each pipeline worker decodes in one thread (data.read_threads=0), so images/s
     per worker compares with the single-threaded bare loop. Wall-clock rates swing with the
     machine's load; CPU time per image does much less, so both are reported.
     """
@@ -148,7 +150,7 @@ def compare(
         with data_cfg.unlocked():
             data_cfg.source = "records"
             data_cfg.records.paths = str(directory)
-            data_cfg.records.read_threads = 0
+            data_cfg.read_threads = 0
             data_cfg.image_size = 224
         augment = data_cfg.augment
         for _ in range(repeats):

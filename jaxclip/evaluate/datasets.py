@@ -8,11 +8,17 @@ A task in `config.eval.tasks` is `KIND:SOURCE[,option=value...]`:
     zeroshot:records=/data/pets_records    a converted dataset whose manifest has label_names
     retrieval:coco_captions                TFDS, several captions per image
     retrieval:records=/data/flickr30k_test
+    zeroshot:shapes=combo_heldout          the shapes world (shape, colour, combo_seen,
+    retrieval:shapes=val                   combo_heldout; retrieval on its val split)
 
 Options: `split` (TFDS only; default: the dataset's test or validation split), `n` (evaluate
 an evenly spaced subset of n examples; default `eval.max_examples`, 0 = all), `name` (the
-metric prefix), `image`/`label`/`text` (TFDS feature names), and for zero-shot
-`class_names=FILE` and `templates=imagenet|cifar|simple`.
+dataset's name in metric names), `prefix` (the whole metric prefix), `image`/`label`/`text`
+(TFDS feature names), and for zero-shot `class_names=FILE` and
+`templates=imagenet|cifar|simple|shapes`.
+
+The shapes world's sets are rendered, not decoded: `eval.num_examples` of them, one object
+per image, class-balanced.
 
 TFDS datasets are read with `data_source` (ArrayRecord, no TensorFlow); images stay encoded
 until a batch is decoded, so an evaluation set never has to fit in memory.
@@ -61,15 +67,21 @@ class TaskSpec:
 
     @property
     def name(self) -> str:
-        """Metric prefix: the `name` option, the TFDS name, or the directory's name."""
+        """The `name` option, the TFDS name, the directory's name, or shapes_<task>."""
         if "name" in self.options:
             return self.options["name"]
+        if self.source == "shapes":
+            return f"shapes_{self.location}"
         if self.source == "tfds":
             return self.location.split(":")[0].replace("/", "_")
         return Path(self.location).name or self.location
 
+    def prefix(self) -> str:
+        """What every metric of this task starts with: `prefix`, else `<kind>/<name>`."""
+        return self.options.get("prefix") or f"{self.kind}/{self.name}"
 
-SOURCES = ("tfds", "folder", "records")
+
+SOURCES = ("tfds", "folder", "records", "shapes")
 
 
 def parse_task(text: str, allowed_options: Sequence[str]) -> TaskSpec:
@@ -85,7 +97,7 @@ def parse_task(text: str, allowed_options: Sequence[str]) -> TaskSpec:
     if source not in SOURCES:
         raise EvalDataError(
             f"Evaluation task {text!r}: unknown dataset source {source!r}; use a TFDS name, "
-            f"'folder=DIR' or 'records=DIR'."
+            f"'folder=DIR', 'records=DIR' or 'shapes=TASK'."
         )
     options = {}
     for part in parts[1:]:
@@ -184,15 +196,26 @@ def tfds_split(name: str, data_dir: str, split: str | None, features: Sequence[s
 class EvalSet:
     """Random access to encoded images plus labels (`label_names`) or captions.
 
-    `read(i)` returns {"image": bytes, "label": int} or {"image": bytes, "captions": [str]},
-    or {"error": why} for an unreadable example, which evaluators skip and count.
+    `read(i)` returns {"image": bytes, "label": int} or {"image": bytes, "captions": [str]}
+    ("pixels": a uint8 array instead of "image" for a rendered set), or {"error": why} for an
+    unreadable example, which evaluators skip and count. `image_groups` (retrieval) says
+    which images count as the same for a caption: by default each image is its own.
     """
 
     name: str
     label_names: list[str] | None = None
+    templates: str | None = None  # the prompt ensemble that suits the set, if any
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def captions_of(self, index: int) -> list[str]:
+        """The example's captions ([] if it has none or cannot be read)."""
+        return list(self.read(index).get("captions", []))
+
+    def image_groups(self, indices: Sequence[int]) -> np.ndarray:
+        """Images with equal group ids are interchangeable answers in retrieval."""
+        return np.arange(len(indices))
 
     def read(self, index: int) -> dict:
         raise NotImplementedError
@@ -328,7 +351,64 @@ class RecordsSet(EvalSet):
         return {"image": record["image"], "captions": record["captions"]}
 
 
-def open_eval_set(spec: TaskSpec, data_dir: str, *, labelled: bool) -> EvalSet:
+class ShapesSet(EvalSet):
+    """A rendered shapes-world split. Zero-shot tasks classify the single object's shape,
+    colour or (shape, colour) combination, seen in training or held out; retrieval uses the
+    val split with captions in the evaluation style, where images with the same caption
+    text are the same answer (a procedural world repeats captions)."""
+
+    TASKS = {  # task -> (split, label field, class names)
+        "shape": ("val", "shape", "shape"),
+        "colour": ("val", "colour", "colour"),
+        "combo_seen": ("val", "combo", "combo"),
+        "combo_heldout": ("heldout", "combo", "combo"),
+    }
+    templates = "shapes"
+
+    def __init__(self, spec: TaskSpec, cfg, *, labelled: bool):
+        from jaxclip.data import shapes
+        from jaxclip.data.sources import shapes_world
+
+        self.name = spec.name
+        if labelled:
+            if spec.location not in self.TASKS:
+                raise EvalDataError(
+                    f"Task {spec.text!r}: the shapes world classifies one of "
+                    f"{', '.join(self.TASKS)}; write e.g. 'zeroshot:shapes=colour'."
+                )
+            split, self.label_field, names = self.TASKS[spec.location]
+            self.label_names = shapes.class_names(names)
+            style = {}
+        else:
+            if spec.location != "val":
+                raise EvalDataError(f"Task {spec.text!r}: retrieve on 'shapes=val'.")
+            split, self.label_field = "val", None
+            style = cfg.eval.get("retrieval_caption_style") or cfg.data.shapes.caption_style
+            style = {"caption_style": style}
+        self.world = shapes_world(
+            cfg.data, split, num_examples=cfg.eval.num_examples, single_object=labelled, **style
+        )
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def read(self, index: int) -> dict:
+        example = self.world[int(index)]
+        if self.label_field is not None:
+            return {"pixels": example["image"], "label": int(example[self.label_field])}
+        return {"pixels": example["image"], "captions": [example["caption"]]}
+
+    def captions_of(self, index: int) -> list[str]:
+        return [self.world.caption(int(index))]  # no rendering
+
+    def image_groups(self, indices: Sequence[int]) -> np.ndarray:
+        captions = [self.world.caption(int(i)) for i in indices]
+        return np.unique(captions, return_inverse=True)[1].reshape(-1)
+
+
+def open_eval_set(spec: TaskSpec, cfg, *, labelled: bool) -> EvalSet:
+    if spec.source == "shapes":
+        return ShapesSet(spec, cfg, labelled=labelled)
     if spec.source == "folder":
         if not labelled:
             raise EvalDataError(
@@ -338,14 +418,14 @@ def open_eval_set(spec: TaskSpec, data_dir: str, *, labelled: bool) -> EvalSet:
         return FolderSet(spec)
     if spec.source == "records":
         return RecordsSet(spec, labelled=labelled)
-    return TfdsSet(spec, data_dir, labelled=labelled)
+    return TfdsSet(spec, cfg.eval.get("data_dir", ""), labelled=labelled)
 
 
 def open_task(cfg, task: str, options: Sequence[str], *, labelled: bool):
     """(spec, eval set, indices to evaluate) for the task name `task` of config `cfg`."""
     spec = parse_task(task, options)
     # .get: configs saved before these keys existed still evaluate.
-    eval_set = open_eval_set(spec, cfg.eval.get("data_dir", ""), labelled=labelled)
+    eval_set = open_eval_set(spec, cfg, labelled=labelled)
     n = spec.options.get("n", cfg.eval.get("max_examples", 0))
     try:
         n = int(n)
@@ -389,6 +469,8 @@ def image_batches(
     def decode(item: dict) -> np.ndarray | str:
         if "error" in item:
             return item["error"]
+        if "pixels" in item:  # rendered at the evaluation size already
+            return item["pixels"]
         try:
             return eval_view(item["image"], size, max_pixels)
         except images_lib.ImageError as e:
@@ -407,6 +489,8 @@ def image_batches(
                     if ok
                     else np.zeros((0, size, size, 3), np.uint8)
                 ),
-                items=[{k: v for k, v in items[j].items() if k != "image"} for j in ok],
+                items=[
+                    {k: v for k, v in items[j].items() if k not in ("image", "pixels")} for j in ok
+                ],
                 errors=[d for d in decoded if isinstance(d, str)],
             )

@@ -71,3 +71,20 @@ class Encoders:
             return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-6)
         tokens, mask = self.tokenizer(list(texts))
         return self._batches([tokens, mask], self._text)
+
+
+def run_encoders(setup, params=None) -> Encoders:
+    """The encoders of a built run (`run_setup.RunSetup`): its model graph and mesh, and the
+    text side its model kind evaluates with (the text tower, or stored embeddings)."""
+    from jaxclip.models.build import compute_dtype
+
+    cfg = setup.cfg
+    return Encoders(
+        setup.graphdef,
+        params,
+        setup.mesh,
+        setup.tokenizer,
+        cfg.eval.batch_size,
+        compute_dtype(cfg.model),
+        text_lookup=setup.kind.eval_text_lookup(cfg),
+    )

@@ -1,7 +1,8 @@
 """Evaluators by name: an experiment lists the ones it wants in `config.eval.tasks`.
 
-A name is either a fixed evaluator ("zeroshot_colour") or a family and a dataset
-("zeroshot:cifar10", "retrieval:records=/data/coco_test"; see evaluate/datasets.py).
+A name is a family and a dataset ("zeroshot:cifar10", "retrieval:records=/data/coco_test",
+"zeroshot:shapes=colour"; see evaluate/datasets.py), or an alias of one ("zeroshot_colour",
+"retrieval": the shapes world's tasks under the names the demo reports).
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ import ml_collections
 
 from jaxclip.config import ConfigError
 
-_REGISTRY: dict[str, Callable] = {}
 # "zeroshot" -> factory(cfg, task name) for every task named "zeroshot:<dataset>".
 _FAMILIES: dict[str, Callable] = {}
+# "zeroshot_colour" -> "zeroshot:shapes=colour,prefix=zeroshot_colour"
+_ALIASES: dict[str, str] = {}
 
 
-def register(name: str):
-    def wrap(factory):
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+def register_alias(name: str, task: str) -> None:
+    _ALIASES[name] = task
 
 
 def register_family(kind: str):
@@ -35,12 +33,12 @@ def register_family(kind: str):
 
 def available() -> list[str]:
     _import_all()
-    return sorted(_REGISTRY) + [f"{kind}:<dataset>" for kind in sorted(_FAMILIES)]
+    return sorted(_ALIASES) + [f"{kind}:<dataset>" for kind in sorted(_FAMILIES)]
 
 
 def _import_all() -> None:
     # Importing the modules runs their @register decorators.
-    from jaxclip.evaluate import real_retrieval, real_zeroshot, retrieval, zeroshot  # noqa: F401
+    from jaxclip.evaluate import retrieval, zeroshot  # noqa: F401
 
 
 def build_evaluators(cfg: ml_collections.ConfigDict) -> dict:
@@ -48,16 +46,14 @@ def build_evaluators(cfg: ml_collections.ConfigDict) -> dict:
     _import_all()
     evaluators = {}
     for name in cfg.eval.tasks:
-        kind, sep, _ = name.partition(":")
-        if sep and kind in _FAMILIES:
-            evaluators[name] = _FAMILIES[kind](cfg, name)
-            continue
-        if name not in _REGISTRY:
+        task = _ALIASES.get(name, name)
+        kind, sep, _ = task.partition(":")
+        if not sep or kind not in _FAMILIES:
             raise ConfigError(
                 f"Unknown evaluator {name!r}; available: {', '.join(available())} (a dataset "
-                f"is a TFDS name, folder=DIR or records=DIR)."
+                f"is a TFDS name, folder=DIR, records=DIR or shapes=TASK)."
             )
-        evaluators[name] = _REGISTRY[name](cfg)
+        evaluators[name] = _FAMILIES[kind](cfg, task)
     return evaluators
 
 

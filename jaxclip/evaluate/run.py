@@ -8,10 +8,10 @@ from pathlib import Path
 import ml_collections
 
 from jaxclip import config as config_lib
+from jaxclip import run_setup
 from jaxclip.checkpoint import Checkpointer, CheckpointError, abstract_like
 from jaxclip.evaluate import registry
-from jaxclip.evaluate.encoders import Encoders
-from jaxclip.models.build import compute_dtype
+from jaxclip.evaluate.encoders import run_encoders
 
 
 def saved_config(
@@ -39,30 +39,13 @@ def evaluate_checkpoint(
     cfg: ml_collections.ConfigDict, workdir: str | Path, step: int, devices=None
 ) -> dict[str, float]:
     """Restores `step` onto the current devices (resharding) and evaluates it."""
-    from jaxclip.train import build  # the trainer's builder: one definition of the model
-
     evaluators = registry.build_evaluators(cfg)  # a missing dataset fails before the restore
-    setup = build(cfg, devices)
+    setup = run_setup.build(cfg, devices)
+    encoders = run_encoders(setup)  # LIFT: a store without these tasks' texts fails here
     checkpointer = Checkpointer(workdir)
     target = abstract_like(setup.abstract_state, setup.state_shardings)
-    state = checkpointer.restore(step, target)
+    encoders.params = checkpointer.restore(step, target)["params"]
     checkpointer.close()
-    text_lookup = None
-    if cfg.model.kind == "lift":  # class prompts and captions come from the frozen encoder
-        from jaxclip.data import text_embeddings
-        from jaxclip.evaluate.lift_text import LiftTextLookup
-
-        store = text_embeddings.open_for_training(cfg, progress=False)
-        text_lookup = LiftTextLookup(cfg, store)  # embeds prompts the store lacks
-    encoders = Encoders(
-        setup.graphdef,
-        state["params"],
-        setup.mesh,
-        setup.tokenizer,
-        cfg.eval.batch_size,
-        compute_dtype(cfg.model),
-        text_lookup=text_lookup,
-    )
     return registry.run_all(evaluators, encoders)
 
 

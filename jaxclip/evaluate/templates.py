@@ -10,6 +10,7 @@ is also the default for image folders and converted datasets, where nothing bett
 from __future__ import annotations
 
 from jaxclip.config import ConfigError
+from jaxclip.data.shapes import PROMPT_TEMPLATES
 
 IMAGENET_TEMPLATES = (
     "a bad photo of a {}.",
@@ -118,7 +119,12 @@ CIFAR_TEMPLATES = (
 # One prompt: cheap, and the right choice for a model trained on very short captions.
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
 
-ENSEMBLES = {"imagenet": IMAGENET_TEMPLATES, "cifar": CIFAR_TEMPLATES, "simple": SIMPLE_TEMPLATES}
+ENSEMBLES = {
+    "imagenet": IMAGENET_TEMPLATES,
+    "cifar": CIFAR_TEMPLATES,
+    "simple": SIMPLE_TEMPLATES,
+    "shapes": PROMPT_TEMPLATES,  # the shapes world's own caption phrasings
+}
 
 # The ensemble CLIP used for each TFDS dataset; anything else gets the ImageNet one.
 _DATASET_ENSEMBLE = {"cifar10": "cifar", "cifar100": "cifar"}

@@ -1,4 +1,8 @@
-"""Builds a model from the `model` section of a config."""
+"""Builds the towers of each model kind from the `model` section of a config.
+
+`jaxclip/model_kinds.py` decides which builder a run uses; these functions only turn config
+values into modules.
+"""
 
 from __future__ import annotations
 
@@ -19,42 +23,41 @@ def compute_dtype(model_cfg: ml_collections.ConfigDict):
     return DTYPES[model_cfg.dtype]
 
 
-MODEL_KINDS = ("clip", "lift")
-
-
-def build_model(
+def build_clip_model(
     model_cfg: ml_collections.ConfigDict, *, image_size: int, vocab_size: int, rngs: nnx.Rngs
-) -> TwoTower | LiftModel:
-    """CLIP (ViT + causal text transformer + logit scale) or LIFT (ViT + head + logit scale)."""
-    if model_cfg.kind not in MODEL_KINDS:
-        raise ValueError(f"model.kind must be one of {MODEL_KINDS}, got {model_cfg.kind!r}.")
-    dtype = compute_dtype(model_cfg)
+) -> TwoTower:
+    """CLIP: ViT + causal text transformer + logit scale."""
     image_cfg, text_cfg = model_cfg.image, model_cfg.text
-    if model_cfg.kind == "clip":
-        return build_clip(
-            image_cfg.variant,
-            image_size=image_size,
-            embed_dim=model_cfg.embed_dim,
-            pool=image_cfg.pool,
-            text_width=text_cfg.width,
-            text_depth=text_cfg.depth,
-            text_heads=text_cfg.heads,
-            vocab_size=vocab_size,
-            context_length=text_cfg.context_length,
-            act=model_cfg.act,
-            scan=model_cfg.scan_layers,
-            remat=model_cfg.remat,
-            dtype=dtype,
-            init_logit_scale=model_cfg.init_logit_scale,
-            max_logit_scale=model_cfg.max_logit_scale,
-            logit_bias=model_cfg.logit_bias,
-            rngs=rngs,
-        )
-    # LIFT: a projection-free tower; the head maps into the frozen encoder's space.
-    image = VisionTransformer(
+    return build_clip(
         image_cfg.variant,
         image_size=image_size,
+        embed_dim=model_cfg.embed_dim,
         pool=image_cfg.pool,
+        text_width=text_cfg.width,
+        text_depth=text_cfg.depth,
+        text_heads=text_cfg.heads,
+        vocab_size=vocab_size,
+        context_length=text_cfg.context_length,
+        act=model_cfg.act,
+        scan=model_cfg.scan_layers,
+        remat=model_cfg.remat,
+        dtype=compute_dtype(model_cfg),
+        init_logit_scale=model_cfg.init_logit_scale,
+        max_logit_scale=model_cfg.max_logit_scale,
+        logit_bias=model_cfg.logit_bias,
+        rngs=rngs,
+    )
+
+
+def build_lift_model(
+    model_cfg: ml_collections.ConfigDict, *, image_size: int, rngs: nnx.Rngs
+) -> LiftModel:
+    """LIFT: a projection-free ViT + a head into the frozen encoder's space + logit scale."""
+    dtype = compute_dtype(model_cfg)
+    image = VisionTransformer(
+        model_cfg.image.variant,
+        image_size=image_size,
+        pool=model_cfg.image.pool,
         proj_dim=None,
         act=model_cfg.act,
         scan=model_cfg.scan_layers,

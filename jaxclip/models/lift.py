@@ -1,7 +1,9 @@
 """LIFT's trainable side: a mean-pooled ViT and a two-layer head into a frozen text space.
 
 The text side is a frozen encoder whose caption embeddings were computed offline, so the
-model has no text tower: no text forward or backward happens in a LIFT step. The head is
+model has no text tower: no text forward or backward happens in a LIFT step. The model
+takes the stored embedding as its text input and returns what a CLIP model returns
+(`image`, `text`, `scale`, `bias`), so the train step treats both alike. The head is
 Linear(width -> d) -> GELU -> Linear(d -> d), d = the text encoder's dimension (PAPERS.md §2).
 """
 
@@ -66,5 +68,11 @@ class LiftModel(nnx.Module):
     def bias(self) -> jax.Array | None:
         return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)
 
-    def __call__(self, images: jax.Array) -> dict:
-        return {"image": self.encode_image(images), "scale": self.scale(), "bias": self.bias()}
+    def __call__(self, images: jax.Array, text_emb: jax.Array) -> dict:
+        """Images and the captions' stored embeddings -> dict(image, text, scale, bias)."""
+        return {
+            "image": self.encode_image(images),
+            "text": l2_normalize(text_emb.astype(jnp.float32)),
+            "scale": self.scale(),
+            "bias": self.bias(),
+        }

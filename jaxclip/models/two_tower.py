@@ -17,23 +17,18 @@ Array = jax.Array
 
 
 class TwoTower(nnx.Module):
-    """CLIP: L2-normalized image/text embeddings plus a learned logit scale (and optional bias).
-
-    text=None builds an image-only model (LIFT trains against stored text embeddings); then
-    `model(images)` returns just the image embeddings.
-    """
+    """CLIP: L2-normalized image/text embeddings plus a learned logit scale (and optional bias)."""
 
     def __init__(
         self,
         image: VisionTransformer,
-        text: TextTransformer | None,
+        text: TextTransformer,
         *,
         init_logit_scale: float = math.log(1 / 0.07),
         max_logit_scale: float = 100.0,
         logit_bias: float | None = None,
-        rngs: nnx.Rngs | None = None,  # unused (constant inits); kept for a uniform signature
     ):
-        if text is not None and text.out_dim != image.out_dim:
+        if text.out_dim != image.out_dim:
             raise ValueError(f"image out_dim {image.out_dim} != text out_dim {text.out_dim}")
         self.image = image
         self.text = text
@@ -49,8 +44,6 @@ class TwoTower(nnx.Module):
 
     def encode_text(self, tokens: Array, mask: Array) -> Array:
         """int (B, L) tokens and mask -> unit-norm float32 (B, D)."""
-        if self.text is None:
-            raise ValueError("this TwoTower has no text tower (text=None)")
         features, _ = self.text(tokens, mask)
         return l2_normalize(features)
 
@@ -62,16 +55,8 @@ class TwoTower(nnx.Module):
     def bias(self) -> Array | None:
         return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)
 
-    def __call__(
-        self, images: Array, tokens: Array | None = None, mask: Array | None = None
-    ) -> dict[str, Any] | Array:
-        """Both towers -> dict(image, text, scale, bias); with text=None -> image embeddings."""
-        if self.text is None:
-            if tokens is not None:
-                raise ValueError("tokens given but this TwoTower has no text tower")
-            return self.encode_image(images)
-        if tokens is None or mask is None:
-            raise ValueError("tokens and mask are required when the model has a text tower")
+    def __call__(self, images: Array, tokens: Array, mask: Array) -> dict[str, Any]:
+        """Both towers -> dict(image, text, scale, bias)."""
         return dict(
             image=self.encode_image(images),
             text=self.encode_text(tokens, mask),
@@ -92,7 +77,7 @@ def param_counts(model: TwoTower) -> dict[str, int]:
     """dict(image=..., text=..., other=..., total=...); works on nnx.eval_shape models."""
     total = count_params(model)
     image = count_params(model.image)
-    text = count_params(model.text) if model.text is not None else 0
+    text = count_params(model.text)
     return dict(image=image, text=text, other=total - image - text, total=total)
 
 
@@ -107,7 +92,6 @@ def build_clip(
     text_heads: int = 8,
     vocab_size: int = 49408,
     context_length: int = 77,
-    with_text: bool = True,
     act: str = "quick_gelu",
     scan: bool = True,
     remat: bool = False,
@@ -121,7 +105,7 @@ def build_clip(
 ) -> TwoTower:
     """Build a CLIP TwoTower; the defaults give OpenAI's ViT-B/16 (149,620,737 params).
 
-    with_text=False gives the image-only (LIFT) model. `image_overrides` passes width/depth/
+    `image_overrides` passes width/depth/
     heads/mlp_dim/ln_pre through to VisionTransformer. Wrap in `nnx.eval_shape(lambda: ...)`
     for an abstract model without allocating.
     """
@@ -135,17 +119,15 @@ def build_clip(
         **common,
         **image_overrides,
     )
-    text = None
-    if with_text:
-        text = TextTransformer(
-            vocab_size=vocab_size,
-            context_length=context_length,
-            width=text_width,
-            depth=text_depth,
-            heads=text_heads,
-            proj_dim=embed_dim,
-            **common,
-        )
+    text = TextTransformer(
+        vocab_size=vocab_size,
+        context_length=context_length,
+        width=text_width,
+        depth=text_depth,
+        heads=text_heads,
+        proj_dim=embed_dim,
+        **common,
+    )
     return TwoTower(
         image,
         text,
