@@ -114,7 +114,7 @@ def test_tpu_report_has_the_sharded_bytes_and_flops_of_an_unrolled_cpu_compile()
     assert report.fits and report.memory is not None
     assert report.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
     assert report.batch_per_device == 16
-    state, batch = aot.abstract_inputs(run_setup.build(cfg, target_devices(target)))
+    state, batch = run_setup.build(cfg, target_devices(target)).abstract_inputs()
     expected = shard_bytes(state) + shard_bytes(batch)
     assert expected <= report.memory.arguments <= expected + 2 * 2**20
     assert report.memory.aliased >= shard_bytes(state)  # the donated state is updated in place
@@ -158,7 +158,7 @@ def test_gpu_report_counts_exact_argument_bytes_against_jax_pool():
     report = aot.check_fit(cfg, target)
 
     assert report.fits and report.batch_per_device == 8
-    state, batch = aot.abstract_inputs(run_setup.build(cfg, target_devices(target)))
+    state, batch = run_setup.build(cfg, target_devices(target)).abstract_inputs()
     assert report.memory.arguments == shard_bytes(state) + shard_bytes(batch)
     cpu = aot.compile_train_step(aot.unrolled(cfg), jax.devices()[:8])
     assert report.flops_per_device == pytest.approx(aot.compiled_flops(cpu))

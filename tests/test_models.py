@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from jaxclip.models.layers import TransformerStack
+from jaxclip.models.lift import LiftModel
 from jaxclip.models.text import TextTransformer
-from jaxclip.models.two_tower import TwoTower, build_clip, count_params, param_counts
+from jaxclip.models.two_tower import build_clip, count_params, param_counts
 from jaxclip.models.vit import VisionTransformer, decode_variant
 
 TINY_TEXT = dict(vocab_size=50, context_length=12, width=32, depth=2, heads=2, proj_dim=16)
@@ -240,12 +241,16 @@ def test_logit_bias_is_optional_param():
     assert param_counts(with_bias)["other"] == 2
 
 
-def test_image_only_model_returns_image_embeddings():
-    model = TwoTower(tiny_vit(), None)
-    emb = model(images())
-    assert emb.shape == (2, 16)
-    np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
-    assert param_counts(model)["text"] == 0
+def test_lift_model_returns_what_clip_returns_with_the_stored_text_normalized():
+    vit = VisionTransformer("mu/4", image_size=16, pool="mean", proj_dim=None, rngs=nnx.Rngs(0))
+    model = LiftModel(vit, embed_dim=24, rngs=nnx.Rngs(1))
+    stored = np.random.default_rng(0).normal(size=(2, 24)).astype(np.float16)
+    out = model(images(), jnp.asarray(stored))
+    assert sorted(out) == ["bias", "image", "scale", "text"] and out["bias"] is None
+    assert out["image"].shape == out["text"].shape == (2, 24)
+    want = stored.astype(np.float64) / np.linalg.norm(stored.astype(np.float64), axis=-1)[:, None]
+    np.testing.assert_allclose(out["text"], want, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(out["image"], axis=-1), 1.0, rtol=1e-5)
 
 
 def test_bfloat16_compute_close_to_float32():

@@ -41,10 +41,13 @@ def entrypoint(train: TrainCommand) -> list[str]:
     python, workdir = shlex.quote(train.python), shlex.quote(train.workdir)
     script = "\n".join(
         [
-            "signalled=0",
-            "trap 'signalled=1; kill -TERM \"$child\"' TERM",  # set before the trainer starts
+            "signalled=0; child=",
+            # Set before the trainer starts. A signal that arrives before `child` is known is
+            # remembered and handed on right after.
+            "trap 'signalled=1; [ -n \"$child\" ] && kill -TERM \"$child\"' TERM",
             f"{train.shell()} &",
             "child=$!",
+            'if [ "$signalled" -eq 1 ]; then kill -TERM "$child"; fi',
             'wait "$child"; status=$?',
             # A trapped signal ends `wait` early (status 143): wait again for the real one.
             'while [ "$signalled" -eq 1 ] && [ "$status" -gt 128 ]; do',

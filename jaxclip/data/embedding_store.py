@@ -297,7 +297,7 @@ class DatasetEmbeddings:
         directory = store_dir / dataset_dirname(identity)
         manifest = _read_json(directory / MANIFEST)
         if manifest is None or not manifest.get("complete"):
-            raise StoreError(_missing_dataset(store_dir, directory, identity, command))
+            raise StoreError(_missing_dataset(store_dir, directory, identity, encoder, command))
         if manifest.get("format") != FORMAT:
             raise StoreError(
                 f"{directory} has store format {manifest.get('format')}; this code reads "
@@ -332,7 +332,9 @@ class DatasetEmbeddings:
         return dict(self.__dict__, _maps={})
 
 
-def _missing_dataset(store_dir: Path, directory: Path, identity: dict, command: str) -> str:
+def _missing_dataset(
+    store_dir: Path, directory: Path, identity: dict, encoder: dict, command: str
+) -> str:
     others = sorted(
         p.name
         for p in store_dir.glob(f"{directory.name[:-13]}-*")
@@ -341,15 +343,22 @@ def _missing_dataset(store_dir: Path, directory: Path, identity: dict, command: 
     what = f"dataset {identity['name']!r} (content hash {identity['content_hash'][:12]})"
     if others:
         why = (
-            f"the store holds another version of it ({', '.join(others)}): the dataset was "
-            f"reconverted since the store was built"
+            f"the store holds another version of it ({', '.join(others)}): its content "
+            f"changed since the store was built (a reconverted dataset"
         )
+        stored = (_read_json(store_dir / others[-1] / MANIFEST) or {}).get("dataset", {})
+        old, new = stored.get("description", {}), identity.get("description", {})
+        changed = [
+            f"{k}: stored {old.get(k)!r}, now {v!r}" for k, v in new.items() if old.get(k) != v
+        ]
+        why += f"; changed settings: {', '.join(changed)})" if changed else ")"
     elif directory.is_dir():
         why = "its embedding was started but not finished"
     else:
         why = "no embeddings were made for it (a new dataset in the mixture, or no store yet)"
     return (
-        f"The embedding store {store_dir} has no complete caption embeddings for {what}: "
+        f"The embedding store {store_dir} has no complete {encoder['name']} caption "
+        f"embeddings for {what}: "
         f"{why}. Build them (finished shards are kept, nothing else is re-embedded):\n"
         f"    {command}"
     )
