@@ -114,3 +114,48 @@ def test_multi_slice_mesh_puts_only_the_data_axis_across_slices():
 def test_incomplete_multi_process_flags_are_refused(kwargs, message):
     with pytest.raises(distributed.DistributedError, match=message):
         distributed.initialize(**kwargs)
+
+
+def test_records_checkpoint_of_two_processes_resumes_in_one_with_other_workers(tmp_path):
+    """Converted records, 2 processes x 4 devices with 2 workers each, preempted; continued in
+    1 process of 8 devices with 3 workers: the data order and losses of an uninterrupted
+    1-process run without workers."""
+    from data_fixtures import encode, example
+
+    from jaxclip.data import records
+
+    raws = []
+    for i in range(40):
+        image, caption, _ = example(i, (20, 16))
+        raws.append(records.encode_record(f"k{i}", encode(image), [caption, f"{caption} too"]))
+    records.write_dataset(tmp_path / "data", raws, name="data", num_shards=2)
+    overrides = {
+        "data.source": "records",
+        "data.records.paths": str(tmp_path / "data"),
+        "data.read_threads": 0,
+        "train.steps": 10,
+        "train.checkpoint_every": 1000,
+        "optim.eps": 1e-4,
+    }
+    config = write_config(tmp_path, "records", {**overrides, "data.worker_count": 2})
+    workdir = tmp_path / "two"
+    with Training(
+        config, workdir, tmp_path / "logs", num_processes=2, devices_per_process=4
+    ) as run:
+        run.wait_for(lambda: last_logged_step(workdir) >= 2)
+        os.killpg(run.procs[0].pid, signal.SIGTERM)
+        os.killpg(run.procs[1].pid, signal.SIGTERM)
+        assert run.wait() == [0, 0], run.all_output()
+    (stopped,) = saved_steps(workdir)
+    assert stopped < 10
+    reference_run(workdir, {**overrides, "data.worker_count": 3})  # continues in 1 process
+    cfg = reference_run(tmp_path / "one", overrides)
+    resumed, straight = metrics(workdir), metrics(tmp_path / "one")
+    by_step = {r["step"]: r for r in straight if "train/loss" in r}
+    continued = [r for r in resumed if "train/loss" in r and r["step"] > stopped]
+    assert [r["step"] for r in continued] == list(range(stopped + 1, 11))
+    for row in [r for r in resumed if "train/loss" in r]:
+        want = by_step[row["step"]]
+        assert row["train/data/index_sum"] == want["train/data/index_sum"], row["step"]
+        np.testing.assert_allclose(row["train/loss"], want["train/loss"], rtol=1e-5)
+    assert_trees_close(saved_params(cfg, workdir), saved_params(cfg, tmp_path / "one"), rtol=1e-5)
