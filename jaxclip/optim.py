@@ -7,9 +7,9 @@ import ml_collections
 import optax
 from flax import nnx
 
-# Parameters whose names end like this are never decayed, whatever their rank (PAPERS.md §1:
-# no decay on gains, biases, position embeddings or the logit scale).
-NO_DECAY_NAMES = ("pos_embed", "positional_embedding", "cls_token", "class_embedding")
+# Parameters whose names end like this are never decayed, whatever their rank (CLIP's recipe,
+# Radford et al. 2021: no decay on gains, biases, position embeddings or the logit scale).
+NO_DECAY_NAMES = ("pos_embed",)
 
 
 def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int):

@@ -44,7 +44,7 @@ def entrypoint(train: TrainCommand) -> list[str]:
             "signalled=0; child=",
             # Set before the trainer starts. A signal that arrives before `child` is known is
             # remembered and handed on right after.
-            "trap 'signalled=1; [ -n \"$child\" ] && kill -TERM \"$child\"' TERM",
+            'trap \'signalled=1; [ -n "$child" ] && kill -TERM "$child"\' TERM',
             f"{train.shell()} &",
             "child=$!",
             'if [ "$signalled" -eq 1 ]; then kill -TERM "$child"; fi',

@@ -26,19 +26,14 @@ until a batch is decoded, so an evaluation set never has to fit in memory.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import difflib
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from jaxclip.config import ConfigError
-from jaxclip.data import images as images_lib
 from jaxclip.data import records as records_lib
-from jaxclip.data.convert.tfds_source import texts, value_at
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Split tried in order when a TFDS task names none (ImageNet calls it 'validation').
@@ -125,71 +120,6 @@ def subset(size: int, n: int) -> np.ndarray:
     return np.arange(n) * size // n
 
 
-# --- TFDS ------------------------------------------------------------------------------------
-
-
-def _tfds_hint(name: str, data_dir: str) -> str:
-    where = f" --data_dir={data_dir}" if data_dir else ""
-    return (
-        f"Prepare it once, in ArrayRecord format (TFDS needs TensorFlow for this step only; "
-        f"ImageNet also needs its manually downloaded archives, see --manual_dir):\n"
-        f"    pip install tensorflow && tfds build {name}{where} --file_format=array_record\n"
-        f"then point --config.eval.data_dir at that directory. Or convert it to jaxclip records "
-        f"with launch/prepare_data.py and use 'records=DIR' in the task."
-    )
-
-
-def tfds_split(name: str, data_dir: str, split: str | None, features: Sequence[str]):
-    """(builder, data source, split name) of a prepared TFDS split, images left encoded."""
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # DatasetNotFoundError (its text lists every TFDS dataset) and kin
-        known = tfds.core.registered.list_imported_builders()
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        where = data_dir or "the default TFDS data dir"
-        raise EvalDataError(
-            f"TFDS knows no dataset {name!r} and none is prepared under {where} "
-            f"({type(e).__name__}).{hint}\n{_tfds_hint(name, data_dir)}"
-        ) from e
-    splits = list(builder.info.splits)
-    if not splits:
-        raise EvalDataError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}.\n"
-            f"{_tfds_hint(name, data_dir)}"
-        )
-    if split is None:
-        split = next((s for s in DEFAULT_SPLITS if s in splits), None)
-        if split is None:
-            raise EvalDataError(
-                f"TFDS dataset {name!r} has no test or validation split; name one with "
-                f"',split=...' (it has {', '.join(splits)})."
-            )
-    elif split.split("[")[0] not in splits:
-        raise EvalDataError(f"TFDS dataset {name!r} has no split {split!r}; it has {splits}.")
-    missing = [f for f in features if f.split("/")[0] not in builder.info.features]
-    if missing:
-        raise EvalDataError(
-            f"TFDS dataset {name!r} has no feature {missing[0]!r}; its features are "
-            f"{', '.join(builder.info.features)}. Name the right one in the task options."
-        )
-    image_feature = features[0]
-    try:
-        source = builder.as_data_source(
-            split=split, decoders={image_feature: tfds.decode.SkipDecoding()}
-        )
-    except NotImplementedError as e:
-        raise EvalDataError(
-            f"TFDS dataset {name!r} in {builder.data_dir} is not stored as ArrayRecord, which "
-            f"jaxclip reads without TensorFlow ({e}). Convert it once:\n"
-            f"    tfds convert_format --dataset_dir={builder.data_dir} "
-            f"--out_file_format=array_record"
-        ) from e
-    return builder, source, split
-
-
 # --- Evaluation sets -------------------------------------------------------------------------
 
 
@@ -219,61 +149,6 @@ class EvalSet:
 
     def read(self, index: int) -> dict:
         raise NotImplementedError
-
-
-class TfdsSet(EvalSet):
-    def __init__(self, spec: TaskSpec, data_dir: str, *, labelled: bool):
-        self.name = spec.name
-        self.image_field = spec.options.get("image", "image")
-        self.label_field = spec.options.get("label", "label") if labelled else None
-        features = [self.image_field] + ([self.label_field] if labelled else [])
-        self.builder, self.source, self.split = tfds_split(
-            spec.location, data_dir, spec.options.get("split"), features
-        )
-        if labelled:
-            feature = self.builder.info.features[self.label_field]
-            names = getattr(feature, "names", None)
-            if not names:
-                raise EvalDataError(
-                    f"TFDS feature {spec.location}/{self.label_field} is not a ClassLabel with "
-                    f"names; name the label feature with ',label=...'."
-                )
-            self.label_names = list(names)
-            self.text_field = None
-        else:
-            self.text_field = spec.options.get("text") or next(
-                (f for f in _TEXT_FIELDS if self._has_field(f)), None
-            )
-            if self.text_field is None or not self._has_field(self.text_field):
-                raise EvalDataError(
-                    f"TFDS dataset {spec.location!r} has no caption feature (looked for "
-                    f"{', '.join(_TEXT_FIELDS)}); name it with ',text=...'."
-                )
-
-    def _has_field(self, path: str) -> bool:
-        node = self.builder.info.features
-        for part in path.split("/"):
-            feature = getattr(node, "feature", node)  # look inside a Sequence
-            try:
-                node = feature[part]
-            except (KeyError, TypeError):
-                return False
-        return True
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def read(self, index: int) -> dict:
-        try:
-            example = self.source[int(index)]
-            item = {"image": bytes(value_at(example, self.image_field))}
-            if self.label_field is not None:
-                item["label"] = int(value_at(example, self.label_field))
-            else:
-                item["captions"] = texts(value_at(example, self.text_field))
-        except Exception as e:
-            return {"error": f"cannot read example {index}: {type(e).__name__}: {e}"}
-        return item
 
 
 class FolderSet(EvalSet):
@@ -418,6 +293,8 @@ def open_eval_set(spec: TaskSpec, cfg, *, labelled: bool) -> EvalSet:
         return FolderSet(spec)
     if spec.source == "records":
         return RecordsSet(spec, labelled=labelled)
+    from jaxclip.evaluate.tfds_sets import TfdsSet
+
     return TfdsSet(spec, cfg.eval.get("data_dir", ""), labelled=labelled)
 
 
@@ -432,65 +309,3 @@ def open_task(cfg, task: str, options: Sequence[str], *, labelled: bool):
     except ValueError:
         raise EvalDataError(f"Task {task!r}: n={n!r} is not a number of examples.") from None
     return spec, eval_set, subset(len(eval_set), n)
-
-
-# --- Decoding images in batches --------------------------------------------------------------
-
-
-def eval_view(
-    data: bytes, size: int, max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """Encoded image -> uint8 (size, size, 3): shorter side to `size`, centre crop."""
-    image = images_lib.decode_image(data, max_pixels=max_pixels, draft_size=(size, size))
-    return images_lib.resize_center_crop(image, size)
-
-
-@dataclasses.dataclass
-class Batch:
-    """The decodable examples of one chunk, plus why the others were skipped."""
-
-    indices: np.ndarray  # dataset indices of the decoded examples
-    images: np.ndarray  # uint8 (len(indices), size, size, 3)
-    items: list[dict]  # their `EvalSet.read` dicts, without the image bytes
-    errors: list[str]
-
-
-def image_batches(
-    eval_set: EvalSet,
-    indices: Sequence[int],
-    size: int,
-    batch_size: int,
-    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS,
-) -> Iterator[Batch]:
-    """Reads `indices` chunk by chunk and decodes each chunk on a thread pool (PIL releases
-    the GIL), so only one chunk of encoded and decoded images is in memory at a time."""
-    workers = max(1, min(8, os.cpu_count() or 1))
-
-    def decode(item: dict) -> np.ndarray | str:
-        if "error" in item:
-            return item["error"]
-        if "pixels" in item:  # rendered at the evaluation size already
-            return item["pixels"]
-        try:
-            return eval_view(item["image"], size, max_pixels)
-        except images_lib.ImageError as e:
-            return str(e)
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(indices), batch_size):
-            chunk = [int(i) for i in indices[start : start + batch_size]]
-            items = [eval_set.read(i) for i in chunk]
-            decoded = list(pool.map(decode, items))
-            ok = [j for j, d in enumerate(decoded) if not isinstance(d, str)]
-            yield Batch(
-                indices=np.array([chunk[j] for j in ok], np.int64),
-                images=(
-                    np.stack([decoded[j] for j in ok])
-                    if ok
-                    else np.zeros((0, size, size, 3), np.uint8)
-                ),
-                items=[
-                    {k: v for k, v in items[j].items() if k not in ("image", "pixels")} for j in ok
-                ],
-                errors=[d for d in decoded if isinstance(d, str)],
-            )

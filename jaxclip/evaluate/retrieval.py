@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from jaxclip.data.images import DEFAULT_MAX_PIXELS
-from jaxclip.evaluate import datasets
+from jaxclip.evaluate import datasets, eval_batches
 from jaxclip.evaluate.registry import register_alias, register_family
 
 KS = (1, 5, 10)
@@ -95,7 +95,7 @@ class Retrieval:
         captions = self.captions
         usable = np.array(sorted(captions), np.int64)
         kept, image_emb, errors = [], [], []
-        for batch in datasets.image_batches(
+        for batch in eval_batches.image_batches(
             self.data, usable, self.image_size, encoders.batch_size, self.max_pixels
         ):
             errors += batch.errors

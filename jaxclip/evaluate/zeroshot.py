@@ -22,7 +22,7 @@ from absl import logging
 
 from jaxclip.data.images import DEFAULT_MAX_PIXELS
 from jaxclip.evaluate import class_names as names_lib
-from jaxclip.evaluate import datasets
+from jaxclip.evaluate import datasets, eval_batches
 from jaxclip.evaluate import templates as templates_lib
 from jaxclip.evaluate.registry import register_alias, register_family
 
@@ -81,7 +81,7 @@ class ZeroShot:
         weights = class_weights(encoders, self.class_names, self.templates)
         ks = [k for k in KS if k == 1 or k < num_classes]  # top-5 of 5 classes says nothing
         hits, seen_labels, count, skipped, first_error = dict.fromkeys(ks, 0), set(), 0, 0, ""
-        for batch in datasets.image_batches(
+        for batch in eval_batches.image_batches(
             self.data, self.indices, self.image_size, encoders.batch_size, self.max_pixels
         ):
             labels = np.array([item["label"] for item in batch.items], np.int64)

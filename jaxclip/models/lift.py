@@ -4,7 +4,8 @@ The text side is a frozen encoder whose caption embeddings were computed offline
 model has no text tower: no text forward or backward happens in a LIFT step. The model
 takes the stored embedding as its text input and returns what a CLIP model returns
 (`image`, `text`, `scale`, `bias`), so the train step treats both alike. The head is
-Linear(width -> d) -> GELU -> Linear(d -> d), d = the text encoder's dimension (PAPERS.md §2).
+Linear(width -> d) -> GELU -> Linear(d -> d), d = the text encoder's dimension
+(Yang et al. 2025, arXiv 2506.04209).
 """
 
 from __future__ import annotations
