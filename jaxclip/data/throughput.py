@@ -2,8 +2,11 @@
 
 `launch/benchmark.py --what=pipeline` uses these: it writes a few hundred 256-px JPEG records,
 times a plain loop that only decodes and crops them with PIL (the floor any pipeline pays),
-then the real training pipeline (`pipeline.train_loader`) with 1 and 2 worker processes, in one
-run, so the ratios compare like with like on whatever load the machine has.
+then the real training pipeline (`pipeline.train_loader`) with 1 and 2 worker processes
+making CLIP batches (tokenized captions) and with 1 worker making LIFT batches (each
+caption's row from a caption-embedding store, 4096-d like NV-Embed-v2's), in one run, so
+the ratios compare like with like on whatever load the machine has. It also times the
+store lookup alone.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import numpy as np
 from PIL import Image
 
 from jaxclip import config as config_lib
-from jaxclip.data import images, pipeline, records, shapes
+from jaxclip.data import embedding_store, images, pipeline, records, shapes
+from jaxclip.data.sources import RecordsExamples
 from jaxclip.data.transforms import normalize_images
 
 # Shorter side 256, as launch/prepare_data.py writes by default (--max_side 256, shorter side):
 # square, landscape 4:3 and portrait 3:4.
 _SHAPES = ((256, 256), (341, 256), (256, 341))
+LIFT_DIM = 4096  # NV-Embed-v2's dimension (vit_b16_lift): the largest row a LIFT batch reads
 
 
 def write_jpeg_records(directory: str | Path, count: int, seed: int = 0) -> Path:
@@ -52,6 +57,35 @@ def write_jpeg_records(directory: str | Path, count: int, seed: int = 0) -> Path
         )
     records.write_dataset(directory, encoded, name="jpeg256", num_shards=4)
     return Path(directory)
+
+
+def write_store(store_dir: str | Path, source, dim: int) -> embedding_store.DatasetEmbeddings:
+    """A caption-embedding store of `source` in the real format; the rows are seeded random
+    unit vectors (lookup cost depends on the layout, not on which encoder made them)."""
+    rng = np.random.default_rng(0)
+
+    def embed(texts):
+        rows = rng.standard_normal((len(texts), dim)).astype(np.float32)
+        return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+    encoder = {"name": "random-rows", "dim": dim, "max_length": 77}
+    embedding_store.build_dataset(
+        store_dir, source, embed_fn=embed, encoder=encoder, shard_size=0, progress=False
+    )
+    return embedding_store.DatasetEmbeddings.open(store_dir, source.identity, encoder, "")
+
+
+def lookup_microseconds(store: embedding_store.DatasetEmbeddings, source, count: int) -> float:
+    """Wall time of one `lookup` (record, caption), random records, warm page cache."""
+    rng = np.random.default_rng(1)
+    picks = [(int(r), source.captions(int(r))) for r in rng.integers(0, len(source), 64)]
+    for record, captions in picks:  # map the shards, warm the cache
+        store.lookup(record, 0, len(captions))
+    start = time.perf_counter()
+    for k in range(count):
+        record, captions = picks[k % len(picks)]
+        store.lookup(record, k % len(captions), len(captions))
+    return 1e6 * (time.perf_counter() - start) / count
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -136,7 +170,8 @@ def compare(
     batches: int = 10,
     repeats: int = 3,
 ) -> dict:
-    """Bare loop vs pipeline (1 and 2 workers), `repeats` interleaved rounds; medians.
+    """Bare loop vs pipeline (CLIP batches with 1 and 2 workers, LIFT batches with 1),
+    `repeats` interleaved rounds; medians.
 
     Each pipeline worker decodes in one thread (data.read_threads=0), so images/s
     per worker compares with the single-threaded bare loop. Wall-clock rates swing with the
@@ -153,16 +188,22 @@ def compare(
             data_cfg.read_threads = 0
             data_cfg.image_size = 224
         augment = data_cfg.augment
+        source = RecordsExamples(str(directory), max_pixels=10**9, draft_side=224)
+        store = write_store(Path(tmp) / "store", source, LIFT_DIM)
+        lift = pipeline.StoredCaptionEmbedding([store])
         for _ in range(repeats):
             bare = bare_decode_crop(directory, 224, augment.crop_scale, augment.crop_ratio)
             one = pipeline_throughput(data_cfg, 1, batch_size, batches)
             two = pipeline_throughput(data_cfg, 2, batch_size, batches)
+            lift_one = pipeline_throughput(data_cfg, 1, batch_size, batches, lift)
             rounds.append(
                 {
                     "bare_images_per_s": bare["images_per_s"],
                     "bare_cpu_ms_per_image": bare["cpu_ms_per_image"],
                     **{f"1_worker_{k}": v for k, v in one.items()},
                     **{f"2_workers_{k}": v for k, v in two.items()},
+                    **{f"lift_1_worker_{k}": v for k, v in lift_one.items()},
+                    "store_lookup_us": lookup_microseconds(store, source, 20_000),
                 }
             )
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
@@ -179,6 +220,8 @@ def compare(
         )
         / median["bare_cpu_ms_per_image"],
         "scaling_2_over_1_workers": median["2_workers_images_per_s"]
+        / median["1_worker_images_per_s"],
+        "lift_over_clip_images_per_s": median["lift_1_worker_images_per_s"]
         / median["1_worker_images_per_s"],
         "rounds": [{k: round(v, 2) for k, v in r.items()} for r in rounds],
     }
