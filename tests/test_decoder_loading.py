@@ -91,6 +91,7 @@ def test_every_parameter_has_logical_axes():
     for path, var in params:
         axes = var.get_metadata()["logical_axes"]
         assert len(axes) == var.get_value().ndim and set(axes) <= AXIS_NAMES, (path, axes)
+    assert sum(v.get_value().size for _, v in params) == model.decoder.cfg.num_params()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,3 +229,9 @@ def test_compiled_step_agrees_with_the_loaded_embedder():
     )  # fmt: skip
     out = compiled(embedder._state, ids, mask, mask)
     assert cosine(out, ref["qwen3/causal/left/last"][:8]).min() >= 0.9999
+
+
+def test_end_of_text_can_be_appended_for_tokenizers_that_do_not_add_it():
+    plain = _load(FIXTURES / "qwen3").token_ids(["a red circle"])[0]
+    appended = _load(FIXTURES / "qwen3", append_eos=True).token_ids(["a red circle"])[0]
+    assert plain[-1] == 0 and appended == [*plain[:-1], 0, 0]  # <|endoftext|> is id 0

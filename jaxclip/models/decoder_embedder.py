@@ -213,12 +213,15 @@ def load_decoder_embedder(
     attention: str | None = None,
     padding_side: str | None = None,
     dim: int | None = None,
+    append_eos: bool | None = None,
     name: str | None = None,
 ) -> DecoderEmbedder:
     """Loads a Hugging Face decoder embedder directory onto `mesh`, without PyTorch.
 
     None means the directory's default (module docstring). `rules` are the logical-axis rules
     (`cfg.mesh.rules`). `dim` below the hidden size keeps a prefix (Qwen3-Embedding only).
+    `append_eos` adds the tokenizer's end-of-text token to every text (NV-Embed's default; for
+    a tokenizer.json whose post-processor does not add it already).
     """
     model_dir = Path(path).resolve()
     raw, where = read_config(model_dir)
@@ -246,7 +249,7 @@ def load_decoder_embedder(
         raise ValueError(f"padding_side {side!r} is not 'left' or 'right'")
     text = TextSettings(
         instruction=instruction,
-        append_eos=spec.append_eos,
+        append_eos=spec.append_eos if append_eos is None else append_eos,
         mask_instruction=spec.mask_instruction,
         padding_side=side,
         **settings,

@@ -39,7 +39,9 @@ ARCHITECTURES = {
     "mistral": dict(qkv_bias=False, qk_norm=False, rope_theta=10000.0, rms_norm_eps=1e-6),
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -80,9 +82,13 @@ class DecoderConfig:
         arch = raw.get("model_type")
         if arch not in ARCHITECTURES:
             raise _unsupported(arch, path)
-        missing = [k for k in (*_REQUIRED, "num_attention_heads") if k not in raw]
+        missing = [k for k in _REQUIRED if k not in raw]
         if missing:
             raise ConfigError(f"{path}: config is missing {missing}")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (silu)")
+        if raw.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"{path}: partial_rotary_factor != 1 is not supported")
         switches = ARCHITECTURES[arch]
         heads = int(raw["num_attention_heads"])
         head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
