@@ -3,10 +3,14 @@
 Mean-pooled ViT-B/16 without internal projection, head Linear(768->4096)-GELU-
 Linear(4096->4096); batch 16,384; AdamW lr 1e-3, wd 0.2, betas (0.9, 0.98), eps 1e-6;
 cosine with 500 warm-up steps; bfloat16 with gradient checkpointing; 512M samples seen.
-The caption embeddings must exist before training (the job refuses to start otherwise):
+NV-Embed-v2 (Mistral-7B, latent-attention pooling, 4096-d) embeds captions without an
+instruction, sharded over the host's devices. The caption embeddings must exist before
+training (the job refuses to start otherwise):
 
-    python launch/embed_text.py --config vit_b16_lift
+    huggingface-cli download nvidia/NV-Embed-v2 --local-dir /models/nv-embed-v2
+    python launch/embed_text.py --config vit_b16_lift --config.text_encoder.path=/models/nv-embed-v2
     python launch/train.py --config vit_b16_lift --workdir gs://BUCKET/vit_b16_lift
+    python launch/embed_text.py --config vit_b16_lift --aot v5p-8   # does the encoder fit?
 """
 
 from jaxclip.config import base_config
@@ -25,6 +29,8 @@ def get_config():
     c.text_encoder.name = "nvidia/NV-Embed-v2"
     c.text_encoder.dim = 4096
     c.text_encoder.max_length = 77  # 323 for long synthetic captions
+    c.text_encoder.instruction = ""  # LIFT: captions without an instruction prefix
+    c.text_encoder.dtype = "bfloat16"
 
     c.data.image_size = 224
     c.data.batch_size = 16384

