@@ -169,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.source = "shapes"  # "shapes" (built-in, procedural) or "records" (converted datasets)
     d.image_size = 224
     d.batch_size = 256  # global, over all processes
-    d.tokenizer = "shapes"  # "shapes" or a path to a tokenizers JSON file
+    d.tokenizer = "shapes"  # "shapes", "clip" (OpenAI CLIP's BPE) or a tokenizers JSON path
     d.context_length = 77
     d.seed = 0
     d.worker_count = 0  # grain worker processes per host (0 = in the main process)

@@ -11,6 +11,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from jaxclip.clip_tokenizer import clip_tokenizer
 from jaxclip.data import shapes
 from jaxclip.data.global_order import GlobalOrderLoader, GlobalOrderSampler
 from jaxclip.tokenizer import Tokenizer
@@ -20,6 +21,8 @@ def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
     """The configured tokenizer: 'shapes' (built from the shapes vocabulary) or a JSON path."""
     if data_cfg.tokenizer == "shapes":
         return shapes.shapes_tokenizer(data_cfg.context_length)
+    if data_cfg.tokenizer == "clip":
+        return clip_tokenizer(data_cfg.context_length)
     return Tokenizer.from_file(data_cfg.tokenizer, data_cfg.context_length)
 
 
