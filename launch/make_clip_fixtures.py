@@ -151,6 +151,133 @@ def write_tokenizer_fixture() -> None:
     print(f"wrote {path} ({path.stat().st_size} bytes, {len(texts)} texts)")
 
 
+# Tiny CLIPs: widths 32, 2 layers, 2 heads, 32 px images in 8 px patches, 16-token texts from
+# a 512-token vocabulary whose last two ids are start/end of text (so argmax pooling finds EOT).
+VOCAB, CONTEXT, SOT_ID, EOT_ID = 512, 16, 510, 511
+TINY_OPEN_CLIP = dict(
+    embed_dim=16,
+    quick_gelu=False,
+    vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8),
+    text_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=32, heads=2, layers=2),
+)
+TINY_HF_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=CONTEXT,
+    hidden_act="quick_gelu",
+    bos_token_id=SOT_ID,
+    eos_token_id=EOT_ID,
+    pad_token_id=0,
+)
+TINY_HF_VISION = dict(
+    hidden_size=32,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    hidden_act="quick_gelu",
+)
+
+
+def tiny_inputs(seed: int) -> dict[str, np.ndarray]:
+    """Normalized NHWC images and token rows <sot> ids <eot> 0..., one truncated to 16."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+    tokens = np.zeros((4, CONTEXT), np.int64)
+    for row, length in enumerate([2, 5, CONTEXT, 9]):
+        tokens[row, :length] = [SOT_ID, *rng.integers(1, SOT_ID, length - 2), EOT_ID]
+    mask = (np.arange(CONTEXT)[None] < np.array([2, 5, CONTEXT, 9])[:, None]).astype(np.int32)
+    return dict(images=images, tokens=tokens, mask=mask)
+
+
+def _perturb(model, seed: int) -> None:
+    """Random weights everywhere: zero biases and unit gains would hide layout mistakes."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+def write_open_clip_tiny(out: Path) -> dict[str, np.ndarray]:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_OPEN_CLIP).eval()
+    _perturb(model, 0)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        out / "open_clip_model.safetensors",
+    )
+    (out / "open_clip_config.json").write_text(json.dumps(dict(model_cfg=TINY_OPEN_CLIP), indent=2))
+    inputs = tiny_inputs(0)
+    with torch.no_grad():
+        images = torch.from_numpy(inputs["images"]).permute(0, 3, 1, 2)
+        image = model.encode_image(images).numpy()
+        text = model.encode_text(torch.from_numpy(inputs["tokens"])).numpy()
+    return {
+        **{f"open_clip_{k}": v for k, v in inputs.items()},
+        "open_clip_image_features": image,
+        "open_clip_text_features": text,
+    }
+
+
+def write_hf_tiny(out: Path) -> dict[str, np.ndarray]:
+    import torch
+    import transformers
+
+    torch.manual_seed(1)
+    config = transformers.CLIPConfig(
+        text_config=TINY_HF_TEXT, vision_config=TINY_HF_VISION, projection_dim=16
+    )
+    model = transformers.CLIPModel(config).eval()
+    _perturb(model, 1)
+    model.save_pretrained(out)
+    inputs = tiny_inputs(1)
+    with torch.no_grad():
+        pixels = torch.from_numpy(inputs["images"]).permute(0, 3, 1, 2)
+        image = _tensor(model.get_image_features(pixel_values=pixels))
+        text = _tensor(
+            model.get_text_features(
+                input_ids=torch.from_numpy(inputs["tokens"]),
+                attention_mask=torch.from_numpy(inputs["mask"]),
+            )
+        )
+    return {
+        **{f"hf_{k}": v for k, v in inputs.items()},
+        "hf_image_features": image,
+        "hf_text_features": text,
+    }
+
+
+def _tensor(output) -> np.ndarray:
+    """transformers 5 returns an output object where 4.x returned the features tensor."""
+    value = output if hasattr(output, "numpy") else output.pooler_output
+    return value.numpy()
+
+
+def write_b16_shapes() -> None:
+    """Names and shapes of full-size ViT-B/16 state dicts (random weights, nothing downloaded)."""
+    import open_clip
+    import transformers
+
+    model = open_clip.create_model("ViT-B-16")
+    open_clip_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    config = transformers.CLIPConfig(vision_config=dict(patch_size=16))
+    hf_shapes = {k: list(v.shape) for k, v in transformers.CLIPModel(config).state_dict().items()}
+    path = FIXTURES / "clip_vit_b16_shapes.json"
+    path.write_text(json.dumps(dict(open_clip=open_clip_shapes, hf=hf_shapes), indent=1))
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
 def _versions() -> dict:
     import ftfy
     import open_clip
@@ -177,6 +304,12 @@ def main() -> None:
         return
     FIXTURES.mkdir(parents=True, exist_ok=True)
     write_tokenizer_fixture()
+    features = write_open_clip_tiny(FIXTURES / "clip_open_clip_tiny")
+    features.update(write_hf_tiny(FIXTURES / "clip_hf_tiny"))
+    path = FIXTURES / "clip_tiny_features.npz"
+    np.savez_compressed(path, versions=np.array(json.dumps(_versions())), **features)
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    write_b16_shapes()
 
 
 if __name__ == "__main__":
