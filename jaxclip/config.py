@@ -201,6 +201,13 @@ def base_config() -> ml_collections.ConfigDict:
     o.b1, o.b2, o.eps = 0.9, 0.98, 1e-6
     o.weight_decay = 0.2
     o.grad_clip_norm = 0.0  # 0 = off
+    # Regexes over parameter paths ("image/blocks/q_kernel", "text/.*", "logit_scale"): matching
+    # parameters stay fixed and get no optimizer state (LiT's locked image tower: ("image/.*",)).
+    o.frozen = ()
+
+    # Initial parameters of a new run (a resume of the run's own checkpoint comes first): a
+    # jaxclip workdir, an open_clip/OpenAI weights file or a Hugging Face CLIPModel directory.
+    c.init = ml_collections.ConfigDict({"from": ""})
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000

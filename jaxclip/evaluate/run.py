@@ -44,8 +44,9 @@ def evaluate_checkpoint(
     evaluators = registry.build_evaluators(cfg)  # a missing dataset fails before the restore
     setup = build(cfg, devices)
     checkpointer = Checkpointer(workdir)
-    target = abstract_like(setup.abstract_state, setup.state_shardings)
-    state = checkpointer.restore(step, target)
+    # Parameters only: a training step's optimizer state is not needed, an import has none.
+    target = abstract_like(setup.abstract_state["params"], setup.param_shardings)
+    params = checkpointer.restore_params(step, target)
     checkpointer.close()
     text_lookup = None
     if cfg.model.kind == "lift":  # class prompts and captions come from the frozen encoder
@@ -56,7 +57,7 @@ def evaluate_checkpoint(
         text_lookup = LiftTextLookup(cfg, store)  # embeds prompts the store lacks
     encoders = Encoders(
         setup.graphdef,
-        state["params"],
+        params,
         setup.mesh,
         setup.tokenizer,
         cfg.eval.batch_size,

@@ -51,8 +51,11 @@ class Foreign:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_foreign(fmt: str, path: str | Path, model: str | None = None) -> Foreign:
-    """The weights at `path` as jaxclip params; `model`: an open_clip name or config JSON."""
+def read_foreign(
+    fmt: str, path: str | Path, model: str | ClipArchitecture | None = None
+) -> Foreign:
+    """The weights at `path` as jaxclip params; `model`: an open_clip name, config JSON path
+    or architecture (open_clip/OpenAI files; default: the directory's config, or inferred)."""
     if fmt not in IMPORT_FORMATS:
         raise WeightsError(f"--from must be one of {IMPORT_FORMATS}, got {fmt!r}")
     path = Path(path)
@@ -69,7 +72,7 @@ def read_foreign(fmt: str, path: str | Path, model: str | None = None) -> Foreig
     return Foreign(arch, params, source)
 
 
-def _read_hf(path: Path, model: str | None) -> tuple[ClipArchitecture, dict]:
+def _read_hf(path: Path, model: str | ClipArchitecture | None) -> tuple[ClipArchitecture, dict]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise WeightsError(f"{path} is not a Hugging Face model directory (no config.json)")
@@ -82,7 +85,7 @@ def _read_hf(path: Path, model: str | None) -> tuple[ClipArchitecture, dict]:
 
 
 def _open_clip_architecture(
-    fmt: str, path: Path, model: str | None, tensors: dict
+    fmt: str, path: Path, model: str | ClipArchitecture | None, tensors: dict
 ) -> ClipArchitecture:
     default_act = "quick_gelu" if fmt == "openai" else "gelu"
     if model is None and path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file():
@@ -96,7 +99,9 @@ def _open_clip_architecture(
             arch.act,
         )
         return arch
-    if model.endswith(".json"):
+    if isinstance(model, ClipArchitecture):
+        arch = model
+    elif model.endswith(".json"):
         arch = arch_lib.from_open_clip_config(json.loads(Path(model).read_text()))
     else:
         arch = arch_lib.named_architecture(model)

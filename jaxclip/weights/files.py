@@ -80,7 +80,8 @@ def read_directory(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path))
+    # np.array, not np.ascontiguousarray: the latter turns the 0-d logit_scale into shape (1,).
+    save_file({k: np.array(v, np.float32, order="C") for k, v in tensors.items()}, str(path))
 
 
 def write_json(obj: dict, path: Path) -> None:

@@ -33,7 +33,7 @@ def same(x: np.ndarray) -> np.ndarray:
 
 
 def transpose(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.T)
+    return np.array(x.T, order="C")
 
 
 def conv_to_patch_kernel(w: np.ndarray) -> np.ndarray:
