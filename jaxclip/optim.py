@@ -104,3 +104,31 @@ def _adamw_chain(optim_cfg: ml_collections.ConfigDict, schedule, mask: dict):
         )
     )
     return optax.chain(*chain)
+
+
+def opt_state_specs(abstract_opt, param_specs):
+    """PartitionSpecs for an optimizer state: each moment takes its parameter's spec.
+
+    Unlike ``optax.tree_map_params``, this also handles the masked states of
+    ``multi_transform`` (frozen parameters leave ``MaskedNode``s where their moments would
+    be): a state leaf is matched to the parameter whose key path ends its own path; leaves
+    that match no parameter (step counts) are replicated.
+    """
+    from jax.sharding import PartitionSpec
+
+    def keys_of(path) -> tuple[str, ...]:
+        return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    by_path = {keys_of(path): spec for path, spec in flat}
+
+    def spec(path, leaf):
+        keys = keys_of(path)
+        for start in range(len(keys)):
+            if keys[start:] in by_path and leaf.ndim > 0:
+                return by_path[keys[start:]]
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec, abstract_opt)

@@ -201,3 +201,36 @@ def test_config_has_init_from_and_frozen_keys():
     assert cfg.init["from"] == "" and tuple(cfg.optim.frozen) == ()
     lit = config_lib.load_config("lit_b16")
     assert tuple(lit.optim.frozen) == ("image/.*",) and lit.data.tokenizer == "clip"
+
+
+def test_opt_state_specs_give_moments_their_parameters_specs():
+    from jax.sharding import PartitionSpec
+
+    from jaxclip.optim import opt_state_specs
+
+    for frozen in ("()", "('image/.*',)"):
+        _, params, tx = _tiny_clip(tiny_config(**{"optim.frozen": frozen}))
+        specs = jax.tree.map(
+            lambda p: (
+                PartitionSpec(*(["d"] + [None] * (p.ndim - 1))) if p.ndim else PartitionSpec()
+            ),
+            params,
+        )
+        abstract_opt = jax.eval_shape(tx.init, params)
+        got = opt_state_specs(abstract_opt, specs)
+        shapes = jax.tree.leaves(abstract_opt)
+        for leaf, spec in zip(
+            shapes,
+            jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+            strict=True,
+        ):
+            assert spec == (
+                PartitionSpec("d", *[None] * (leaf.ndim - 1)) if leaf.ndim else PartitionSpec()
+            )
+    plain_tx = _tiny_clip(tiny_config())[2]
+    reference = optax.tree_map_params(
+        plain_tx, lambda _, s: s, jax.eval_shape(plain_tx.init, params), specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )  # fmt: skip
+    assert opt_state_specs(jax.eval_shape(plain_tx.init, params), specs) == reference
