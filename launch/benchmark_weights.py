@@ -1,4 +1,7 @@
-"""Import/export wall times for random-weight CLIPs: python launch/benchmark_weights.py ViT-B-16 ViT-L-14."""
+"""Import/export wall times of random-weight CLIPs.
+
+python launch/benchmark_weights.py ViT-B-16 ViT-L-14
+"""
 
 import shutil
 import sys
@@ -21,7 +24,9 @@ for name in sys.argv[1:]:
     arch = A.named_architecture(name)
     abstract = wd.abstract_params(convert.imported_config(arch))
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.02, abstract)
+    params = jax.tree.map(
+        lambda s, rng=rng: rng.standard_normal(s.shape, np.float32) * 0.02, abstract
+    )
     src = out / f"{name}.safetensors"
     files.write_safetensors(open_clip_format.to_state_dict(params, arch), src)
     t = time.perf_counter()
