@@ -38,9 +38,8 @@ for name in sys.argv[1:]:
     t = time.perf_counter()
     convert.export_weights("hf", out / f"{name}_w", out / f"{name}_hf")
     th = time.perf_counter() - t
-    print(
-        f"{name}: import {ti:.1f} s, export open_clip {to:.1f} s, export hf {th:.1f} s, file {src.stat().st_size / 1e6:.0f} MB",
-        flush=True,
-    )
+    size = src.stat().st_size / 1e6
+    print(f"{name}: import {ti:.1f} s, export open_clip {to:.1f} s, export hf {th:.1f} s", end="")
+    print(f", file {size:.0f} MB", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
