@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -93,6 +94,32 @@ class Checkpointer:
                 f"previous step, pass --step to pick another, or train in a fresh --workdir."
             ) from e
         return restored.state
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of `step`, from a train state or a params-only (imported) one.
+
+        Leaves of `abstract_params` that carry a sharding are restored onto it; others come
+        back as host numpy arrays. The optimizer state is never read.
+        """
+
+        def restore_args(leaf):
+            sharding = getattr(leaf, "sharding", None)
+            if sharding is None:
+                return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+            return ocp.ArrayRestoreArgs(sharding=sharding, dtype=leaf.dtype)
+
+        target = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(restore_args, target), partial_restore=True
+        )
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as e:  # as in restore(): any failure means this step is unusable
+            raise CheckpointError(
+                f"Could not read the parameters of {self.directory / str(step)}: "
+                f"{type(e).__name__}: {e}\nThe checkpoint is corrupt or holds another model."
+            ) from e
+        return restored.state["params"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -175,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.source = "shapes"  # "shapes" (built-in, procedural) or "records" (converted datasets)
     d.image_size = 224
     d.batch_size = 256  # global, over all processes
-    d.tokenizer = "shapes"  # "shapes" or a path to a tokenizers JSON file
+    d.tokenizer = "shapes"  # "shapes", "clip" (OpenAI CLIP's BPE) or a tokenizers JSON path
     d.context_length = 77
     d.seed = 0
     d.worker_count = 0  # grain worker processes per host (0 = in the main process)
@@ -211,6 +211,13 @@ def base_config() -> ml_collections.ConfigDict:
     o.b1, o.b2, o.eps = 0.9, 0.98, 1e-6
     o.weight_decay = 0.2
     o.grad_clip_norm = 0.0  # 0 = off
+    # Regexes over parameter paths ("image/blocks/q_kernel", "text/.*", "logit_scale"): matching
+    # parameters stay fixed and get no optimizer state (LiT's locked image tower: ("image/.*",)).
+    o.frozen = ()
+
+    # Initial parameters of a new run (a resume of the run's own checkpoint comes first): a
+    # jaxclip workdir, an open_clip/OpenAI weights file or a Hugging Face CLIPModel directory.
+    c.init = ml_collections.ConfigDict({"from": ""})
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000

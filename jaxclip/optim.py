@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import ml_collections
 import optax
@@ -42,8 +44,52 @@ def decay_mask(state: nnx.State) -> dict:
     return nnx.to_pure_dict(mask)
 
 
+def frozen_labels(tree: dict, patterns: tuple[str, ...]) -> dict:
+    """ "frozen" / "trained" per leaf of `tree`: frozen when a regex fullmatches its path.
+
+    Paths join the keys with "/" ("image/blocks/q_kernel"). A pattern that matches nothing
+    is an error: a typo would otherwise train the tower it meant to lock.
+    """
+    compiled = [re.compile(p) for p in patterns]
+    used: set[str] = set()
+
+    def label(path, _) -> str:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        hits = [c.pattern for c in compiled if c.fullmatch(name)]
+        used.update(hits)
+        return "frozen" if hits else "trained"
+
+    labels = jax.tree_util.tree_map_with_path(label, tree)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        paths = sorted(
+            {
+                "/".join(str(getattr(k, "key", k)) for k in p[:2])
+                for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+            }
+        )
+        raise ValueError(
+            f"optim.frozen patterns {unused} match no parameter; paths look like "
+            f"{', '.join(paths[:8])}/... (regexes must match the whole path, e.g. 'image/.*')"
+        )
+    return labels
+
+
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, mask: dict):
+    """AdamW (+ optional clipping); `optim_cfg.frozen` parameters get zero updates, no state."""
     schedule = learning_rate_schedule(optim_cfg, total_steps)
+    trained = _adamw_chain(optim_cfg, schedule, mask)
+    frozen = tuple(optim_cfg.get("frozen", ()))
+    if not frozen:
+        return trained, schedule
+    labels = frozen_labels(mask, frozen)
+    # multi_transform hands each inner transform only its own leaves: Adam's moments (and
+    # the clipping norm) cover the trained parameters alone.
+    tx = optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+def _adamw_chain(optim_cfg: ml_collections.ConfigDict, schedule, mask: dict):
     chain = []
     if optim_cfg.grad_clip_norm > 0:
         chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
@@ -57,4 +103,32 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, mask:
             mask=mask,
         )
     )
-    return optax.chain(*chain), schedule
+    return optax.chain(*chain)
+
+
+def opt_state_specs(abstract_opt, param_specs):
+    """PartitionSpecs for an optimizer state: each moment takes its parameter's spec.
+
+    Unlike ``optax.tree_map_params``, this also handles the masked states of
+    ``multi_transform`` (frozen parameters leave ``MaskedNode``s where their moments would
+    be): a state leaf is matched to the parameter whose key path ends its own path; leaves
+    that match no parameter (step counts) are replicated.
+    """
+    from jax.sharding import PartitionSpec
+
+    def keys_of(path) -> tuple[str, ...]:
+        return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    by_path = {keys_of(path): spec for path, spec in flat}
+
+    def spec(path, leaf):
+        keys = keys_of(path)
+        for start in range(len(keys)):
+            if keys[start:] in by_path and leaf.ndim > 0:
+                return by_path[keys[start:]]
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec, abstract_opt)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxclip import mesh as mesh_lib
 from jaxclip import model_kinds
 from jaxclip.data.pipeline import make_tokenizer
-from jaxclip.optim import decay_mask, make_optimizer
+from jaxclip.optim import decay_mask, make_optimizer, opt_state_specs
 from jaxclip.tokenizer import Tokenizer
 
 
@@ -79,15 +79,9 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> RunSetup:
     abstract_params = nnx.to_pure_dict(abstract_vars)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, decay_mask(abstract_vars))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    # Optimizer moments mirror the parameters' layout; scalars (counts) are replicated.
-    opt_specs = optax.tree_map_params(
-        tx,
-        lambda _, spec: spec,
-        abstract_opt,
-        param_specs,
-        transform_non_params=lambda _: PartitionSpec(),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    # Optimizer moments mirror the parameters' layout (frozen parameters have none); scalars
+    # (counts) are replicated.
+    opt_specs = opt_state_specs(abstract_opt, param_specs)
     specs = {"step": PartitionSpec(), "params": param_specs, "opt_state": opt_specs}
     abstract_state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
@@ -109,18 +103,22 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> RunSetup:
     )
 
 
-def init_state(setup: RunSetup) -> dict:
-    """Creates parameters and optimizer state already sharded: no full host copy exists."""
+def init_state(setup: RunSetup, params: dict | None = None) -> dict:
+    """Step 0, created already sharded (no full host copy exists): fresh parameters, or the
+    given ones (already placed, e.g. `init.from`), and a fresh optimizer state for them."""
 
-    def init():
-        params = nnx.to_pure_dict(nnx.state(setup.model_fn()))
+    def init(params):
+        if params is None:
+            params = nnx.to_pure_dict(nnx.state(setup.model_fn()))
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "opt_state": setup.tx.init(params),
         }
 
-    return jax.jit(init, out_shardings=setup.state_shardings)()
+    shardings = setup.state_shardings
+    in_shardings = (None,) if params is None else (shardings["params"],)
+    return jax.jit(init, in_shardings=in_shardings, out_shardings=shardings)(params)
 
 
 def synthetic_batch(setup: RunSetup, rng: np.random.Generator) -> dict[str, np.ndarray]:

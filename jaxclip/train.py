@@ -113,20 +113,41 @@ def restore_or_init(
     setup: RunSetup, checkpointer: Checkpointer, order: dict, step: int | None = None
 ) -> tuple[dict, dict | None]:
     """(state, bad-record totals) of the latest (or given) checkpoint, resharded onto this
-    mesh; else a fresh state. The data position is the step itself: global batch N is the
-    same for any number of processes or data workers, so nothing else is restored."""
+    mesh; else step 0 (`initial_state`): the run's own checkpoints take precedence over
+    `init.from`. The data position is the step itself: global batch N is the same for any
+    number of processes or data workers, so nothing else is restored."""
     step = checkpointer.latest_step() if step is None else step
     if step is None:
-        return run_setup.init_state(setup), None
+        return initial_state(setup), None
+    meta = checkpointer.read_json(step, "meta")
+    if meta.get("params_only"):
+        raise CheckpointError(
+            f"{checkpointer.directory} holds imported weights (parameters only), not a run to "
+            f"resume. Start a run from them in a new workdir: --config.init.from="
+            f"{checkpointer.directory.parent} --workdir NEW_DIR."
+        )
     saved_cfg = checkpointer.read_json(step, "config")
     check_compatible(setup.cfg, saved_cfg, checkpointer.directory)
-    meta = checkpointer.read_json(step, "meta")
     check_same_order(meta.get("data_order"), order, checkpointer.directory / str(step))
     target = abstract_like(setup.abstract_state, setup.state_shardings)
     state = checkpointer.restore(step, target)
     logging.info("Resumed from step %d in %s", step, checkpointer.directory)
     # Every process continues its own count; process 0 carries the totals so far.
     return state, meta.get("data_totals") if jax.process_index() == 0 else None
+
+
+def initial_state(setup: RunSetup) -> dict:
+    """Step 0: fresh parameters, or those of `init.from` (imported weights, another run)."""
+    source = setup.cfg.init["from"]
+    if not source:
+        return run_setup.init_state(setup)
+    from jaxclip.weights.init_from import initial_params
+
+    params = initial_params(
+        setup.cfg, setup.abstract_state["params"], setup.state_shardings["params"]
+    )
+    logging.info("Starting from the parameters of %s", source)
+    return run_setup.init_state(setup, params)
 
 
 def check_same_order(saved: dict | None, now: dict, step_dir: Path) -> None:

@@ -31,6 +31,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from jaxclip.clip_tokenizer import clip_tokenizer
 from jaxclip.data import bad_records, images, shapes
 from jaxclip.data.global_order import GlobalOrderSampler, MixtureOrder
 from jaxclip.data.sources import BadRecord, ExampleSource, training_sources
@@ -41,9 +42,11 @@ MAX_STAND_INS = 32
 
 
 def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
-    """The configured tokenizer: 'shapes' (built from the shapes vocabulary) or a JSON path."""
+    """The configured tokenizer: 'shapes' (from the shapes vocabulary), 'clip' or a JSON path."""
     if data_cfg.tokenizer == "shapes":
         return shapes.shapes_tokenizer(data_cfg.context_length)
+    if data_cfg.tokenizer == "clip":
+        return clip_tokenizer(data_cfg.context_length)
     return Tokenizer.from_file(data_cfg.tokenizer, data_cfg.context_length)
 
 

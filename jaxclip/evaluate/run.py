@@ -43,8 +43,9 @@ def evaluate_checkpoint(
     setup = run_setup.build(cfg, devices)
     encoders = run_encoders(setup)  # LIFT: a store without these tasks' texts fails here
     checkpointer = Checkpointer(workdir)
-    target = abstract_like(setup.abstract_state, setup.state_shardings)
-    encoders.params = checkpointer.restore(step, target)["params"]
+    # Parameters only: a training step's optimizer state is not needed, an import has none.
+    target = abstract_like(setup.abstract_state["params"], setup.state_shardings["params"])
+    encoders.params = checkpointer.restore_params(step, target)
     checkpointer.close()
     return registry.run_all(evaluators, encoders)
 

@@ -1,0 +1,1 @@
+"""Pretrained weights in and out: open_clip, OpenAI and Hugging Face CLIP formats."""
