@@ -20,6 +20,7 @@ keeps all devices busy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -106,17 +107,8 @@ def _by_kind(rows, per_example: Callable, per_model: Callable, tree):
     return jax.tree.map(lambda r, x: per_example(x) if r else per_model(x), rows, tree)
 
 
-def _shards(mesh: Mesh | None, batch_axes: Sequence[str]) -> int:
-    if mesh is None:
-        return 1
-    shards = 1
-    for axis in batch_axes:
-        shards *= mesh.shape[axis]
-    return shards
-
-
 def _check_steps(steps: int, batch, mesh: Mesh | None, batch_axes: Sequence[str]) -> None:
-    shards = _shards(mesh, batch_axes)
+    shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes)
     global_batch = jax.tree.leaves(batch)[0].shape[0]
     if steps < 1 or global_batch % (shards * steps):
         raise ValueError(_steps_message(steps, global_batch, shards))

@@ -58,7 +58,7 @@ from jaxclip.losses.batch_axes import (
     run_per_device,
 )
 from jaxclip.losses.ring import check_impl, visit_ring, with_ring_vjp
-from jaxclip.losses.tiles import lowest_like, running_max, running_sum_exp, scan_tiles
+from jaxclip.losses.tiles import add_rows, lowest_like, running_max, running_sum_exp, scan_tiles
 
 SUMS = {k: SAME for k in metrics_lib.SUM_KEYS}
 
@@ -136,18 +136,19 @@ def _ring_backward(axes: BatchAxes, tile, batch, u, v, scale, lse_i2t, lse_t2i, 
     weight = g / (2.0 * batch)
 
     def step(local, chunk, grad_text, source):
-        def body(local, xs, start):
-            grad_u, grad_scale = local
-            text_tile, lse_t2i_tile, grad_text_tile = xs
+        def body(acc, xs, start):
+            grad_u, grad_scale, grad_text = acc
+            text_tile, lse_t2i_tile = xs
             dots = u @ text_tile.T
             logits = scale * dots
             softmaxes = jnp.exp(logits - lse_i2t[:, None]) + jnp.exp(logits - lse_t2i_tile)
             grad_logits = weight * softmaxes
             grad_u = grad_u + scale * (grad_logits @ text_tile)
-            grad_text_tile = grad_text_tile + scale * (grad_logits.T @ u)
-            return (grad_u, grad_scale + jnp.sum(grad_logits * dots)), grad_text_tile
+            grad_text = add_rows(grad_text, scale * (grad_logits.T @ u), start)
+            return (grad_u, grad_scale + jnp.sum(grad_logits * dots), grad_text), None
 
-        return scan_tiles(body, local, (*chunk, grad_text), tile)
+        (*local, grad_text), _ = scan_tiles(body, (*local, grad_text), chunk, tile)
+        return tuple(local), grad_text
 
     zero = jnp.zeros_like(u[0, 0])
     (grad_u, grad_scale), grad_v = visit_ring(

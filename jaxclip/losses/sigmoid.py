@@ -48,7 +48,7 @@ from jaxclip.losses.batch_axes import (
     run_per_device,
 )
 from jaxclip.losses.ring import check_impl, visit_ring, with_ring_vjp
-from jaxclip.losses.tiles import lowest_like, running_max, scan_tiles
+from jaxclip.losses.tiles import add_rows, lowest_like, running_max, scan_tiles
 
 SUMS = {k: SAME for k in metrics_lib.SUM_KEYS}
 
@@ -128,19 +128,19 @@ def _ring_backward(axes: BatchAxes, tile, batch, u, v, scale, bias, g):
     me, local = axes.index(), u.shape[0]
 
     def step(acc, texts, grad_text, source):
-        def body(acc, xs, start):
-            grad_u, grad_scale, grad_bias = acc
-            text_tile, grad_text_tile = xs
+        def body(acc, text_tile, start):
+            grad_u, grad_scale, grad_bias, grad_text = acc
             dots = u @ text_tile.T
             logits = scale * dots + bias
             labels = _labels(logits, me * local, source * local + start)
             grad_logits = (-g / batch) * labels * jax.nn.sigmoid(-labels * logits)
             grad_u = grad_u + scale * (grad_logits @ text_tile)
-            grad_text_tile = grad_text_tile + scale * (grad_logits.T @ u)
+            grad_text = add_rows(grad_text, scale * (grad_logits.T @ u), start)
             grad_scale = grad_scale + jnp.sum(grad_logits * dots)
-            return (grad_u, grad_scale, grad_bias + jnp.sum(grad_logits)), grad_text_tile
+            return (grad_u, grad_scale, grad_bias + jnp.sum(grad_logits), grad_text), None
 
-        return scan_tiles(body, acc, (texts, grad_text), tile)
+        (*acc, grad_text), _ = scan_tiles(body, (*acc, grad_text), texts, tile)
+        return tuple(acc), grad_text
 
     zero = jnp.zeros_like(u[0, 0])
     (grad_u, grad_scale, grad_bias), grad_v = visit_ring(

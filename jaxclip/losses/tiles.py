@@ -73,6 +73,13 @@ def running_sum_exp(
     return total * jnp.exp(old_max - new_max) + jnp.sum(jnp.exp(shifted), axis=axis)
 
 
+def add_rows(total: jax.Array, rows: jax.Array, start) -> jax.Array:
+    """`total` with `rows` added to its rows from `start` on, updated in place (a carried
+    accumulator, unlike a scan output, needs no second buffer of its size)."""
+    current = jax.lax.dynamic_slice_in_dim(total, start, rows.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(total, current + rows, start, axis=0)
+
+
 def lowest_like(x: jax.Array) -> jax.Array:
     """-inf of x's shape; made from x so that under shard_map it varies like x."""
     return jnp.full_like(x, -jnp.inf, dtype=jnp.float32)
