@@ -1,5 +1,11 @@
 """The ring losses equal the gather losses, and their memory does not grow with the batch."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import loss_references as ref
@@ -105,3 +111,24 @@ def test_ring_memory_does_not_grow_with_the_global_batch():
         # The gather form holds the gathered batch: the same measurement sees it grow.
         gather_1, gather_8 = temps("gather", 1), temps("gather", 8)
         assert gather_8 >= gather_1 + 7 * block, (kind, gather_1, gather_8)
+
+
+def test_benchmark_prints_the_loss_memory_of_every_combination():
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+    )
+    flags = ["--loss_batch=1024", "--loss_dim=64", "--loss_chunk=0,64", "--loss_kind=siglip"]
+    out = subprocess.run(
+        [sys.executable, "launch/benchmark.py", "--what=loss_memory", *flags],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4 and result["batch_size"] == 1024
+    rows = {(r["impl"], r["chunk_size"]): r["temp_mib"] for r in result["rows"]}
+    assert set(rows) == {("gather", None), ("gather", 64), ("ring", None), ("ring", 64)}
+    assert rows["ring", 64] < rows["gather", 64] < rows["gather", None]
