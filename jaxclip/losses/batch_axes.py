@@ -19,6 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over these; "tensor" replicates it
 NO_INDEX = jnp.iinfo(jnp.int32).max  # "no argmax yet": loses every tie-break
+ROWS = "rows"  # spec: leading dimension split over the batch axes, the rest replicated
+SAME = "same"  # spec: replicated on every device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,3 @@ def run_per_device(
     return jax.shard_map(
         fn, mesh=mesh, in_specs=specs(in_specs), out_specs=specs(out_specs), check_vma=True
     )
-
-
-ROWS = "rows"  # leading dimension split over the batch axes, the rest replicated
-SAME = "same"  # replicated on every device
