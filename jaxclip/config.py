@@ -29,6 +29,34 @@ def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in config_dir.glob("*.py") if not p.stem.startswith("_"))
 
 
+# Keys whose value must be one of a few names; checked when a config loads and on override.
+# (jaxclip.losses defines the same names; tests/test_config.py keeps the two lists equal.)
+CHOICES = {
+    "loss.kind": ("", "contrastive", "siglip", "cosine"),  # "": the model kind's default
+    "loss.impl": ("gather", "ring"),
+}
+
+
+def _choice_error(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> ConfigError:
+    allowed = CHOICES[dotted]
+    close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+    hint = f" Did you mean --config.{dotted}={close[0]}?" if close else ""
+    return ConfigError(
+        f"{dotted}={value!r} in config {cfg.get('name')!r} is not one of "
+        f"{', '.join(repr(a) for a in allowed)}.{hint}"
+    )
+
+
+def check_choices(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError when a key of CHOICES holds a value outside its names."""
+    for dotted, allowed in CHOICES.items():
+        value = cfg
+        for part in dotted.split("."):
+            value = value.get(part) if _is_node(value) else None
+        if value is not None and value not in allowed:
+            raise _choice_error(cfg, dotted, value)
+
+
 def load_config(name: str, config_dir: Path = CONFIG_DIR) -> ml_collections.ConfigDict:
     """Loads `configs/<name>.py` (or a path to a .py file) and returns its locked config."""
     path = Path(name) if name.endswith(".py") else config_dir / f"{name}.py"
@@ -42,6 +70,7 @@ def load_config(name: str, config_dir: Path = CONFIG_DIR) -> ml_collections.Conf
     spec.loader.exec_module(module)
     cfg = module.get_config()
     cfg.name = path.stem
+    check_choices(cfg)
     cfg.lock()
     return cfg
 
@@ -111,8 +140,11 @@ def override(cfg: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
         node = node[part]
     if leaf not in node or _is_node(node[leaf]):
         raise _unknown_key_error(cfg, dotted)
+    value = _parse_value(raw, node[leaf], dotted)
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise _choice_error(cfg, dotted, value)
     with cfg.unlocked():
-        node[leaf] = _parse_value(raw, node[leaf], dotted)
+        node[leaf] = value
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]) -> None:
@@ -201,8 +233,12 @@ def base_config() -> ml_collections.ConfigDict:
     d.bad_fraction_min_records = 1000  # ... judged once this many records were read
     d.max_image_pixels = 89_478_485  # larger images are refused unread (decompression bombs)
 
-    # kind "" = the model kind's default objective (jaxclip/model_kinds.py).
-    c.loss = ml_collections.ConfigDict(dict(kind="", positive_weight=0.0, chunk_size=0))
+    # kind: contrastive | siglip | cosine ("" = the model kind's default, model_kinds.py);
+    # impl: gather | ring (docs/losses.md); chunk_size: logits formed this many columns at
+    # a time (0 = all at once).
+    c.loss = ml_collections.ConfigDict(
+        dict(kind="", impl="gather", positive_weight=0.0, chunk_size=0)
+    )
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 5e-4
@@ -221,6 +257,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
+    # > 1: each step's batch in this many micro-batches, with the full batch's negatives
+    # (the gradient cache, jaxclip/grad_cache.py): memory for time, the same update.
+    t.accum_steps = 1
     t.log_every = 10
     t.eval_every = 500
     t.checkpoint_every = 500

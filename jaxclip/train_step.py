@@ -14,6 +14,7 @@ from flax import nnx
 from jaxclip import losses, model_kinds
 from jaxclip import mesh as mesh_lib
 from jaxclip.data.transforms import normalize_images
+from jaxclip.grad_cache import accumulated_value_and_grad
 from jaxclip.models.build import compute_dtype
 from jaxclip.run_setup import RunSetup
 
@@ -24,10 +25,13 @@ def make_train_step(setup: RunSetup):
     text_fields = [name for name in setup.batch_fields if name != "image"]
     loss_kind = model_kinds.loss_kind(cfg)
 
-    def loss_fn(params, batch):
+    def embed(params, batch):
+        """The model on (a micro-batch of) the batch: per-example embeddings and scalars."""
         model = nnx.merge(graphdef, params)
         images = normalize_images(batch["image"], dtype)
-        out = model(images, **{name: batch[name] for name in text_fields})
+        return model(images, **{name: batch[name] for name in text_fields})
+
+    def objective(out):
         return losses.objective(
             out["image"],
             out["text"],
@@ -35,13 +39,17 @@ def make_train_step(setup: RunSetup):
             out["bias"],
             mesh=mesh,
             kind=loss_kind,
+            impl=cfg.loss.impl,
             positive_weight=cfg.loss.positive_weight,
             chunk_size=cfg.loss.chunk_size or None,
         )
 
     def train_step(state, batch):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], batch)
+        # train.accum_steps > 1: the gradient cache, so the update is that of the whole
+        # batch, every negative included, with one micro-batch's activations in memory.
+        (_, metrics), grads = accumulated_value_and_grad(
+            embed, objective, state["params"], batch, steps=cfg.train.accum_steps, mesh=mesh
+        )
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]))

@@ -4,6 +4,7 @@
     python launch/benchmark.py --config vit_b16_clip --what=flops  # compiled FLOPs / memory
     python launch/benchmark.py --config demo --config.data.batch_size=64 --steps=20
     python launch/benchmark.py --what=pipeline --batches=20   # converted-data input pipeline
+    python launch/benchmark.py --what=loss_memory --loss_batch=65536 --aot=v5p-16  # loss alone
 
 Compiled figures (FLOPs and bytes from XLA's cost and memory analysis) are deterministic and
 comparable across machines; times depend on the machine and its load: compare ratios
@@ -25,10 +26,21 @@ import _cli  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("config", "demo", "Config name.")
-flags.DEFINE_list("what", ["flops", "step", "data"], "Measurements: flops, step, data, pipeline.")
+flags.DEFINE_list(
+    "what", ["flops", "step", "data"], "Measurements: flops, step, data, pipeline, loss_memory."
+)
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_integer("batches", 20, "Timed loader batches.")
 flags.DEFINE_bool("flops_scan", False, "Compile with scanned layers for the FLOP count.")
+# --what=loss_memory: the loss and its gradients alone (jaxclip/loss_memory.py).
+flags.DEFINE_integer("loss_batch", 65536, "loss_memory: global batch B.")
+flags.DEFINE_integer("loss_dim", 512, "loss_memory: embedding dimension D.")
+flags.DEFINE_list("loss_kind", ["contrastive", "siglip"], "loss_memory: loss kinds.")
+flags.DEFINE_list("loss_impl", ["gather", "ring"], "loss_memory: loss impls.")
+flags.DEFINE_list("loss_chunk", ["0", "1024"], "loss_memory: chunk sizes (0 = unchunked).")
+flags.DEFINE_string(
+    "aot", "", "loss_memory: compile for this target (v5p-128, 8xH100, ...), not local devices."
+)
 FLAGS = flags.FLAGS
 
 
@@ -118,6 +130,36 @@ def measure_pipeline(cfg) -> dict:
     }
 
 
+def measure_loss_memory(cfg) -> dict:
+    """Per-device bytes of loss + gradients for every --loss_kind x --loss_impl x --loss_chunk,
+    on the local devices (XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU) or --aot."""
+    del cfg  # the loss alone: no model, no config
+    import jax
+
+    from jaxclip import aot_targets, loss_memory
+
+    if FLAGS.aot:
+        target = aot_targets.parse_target(FLAGS.aot)
+        aot_targets.prepare_host(target)  # before anything starts a JAX backend
+        devices, options = aot_targets.target_devices(target), aot_targets.compiler_options(target)
+        where = f"{target.name} ({target.device_kind})"
+    else:
+        devices, options = jax.devices(), None
+        where = devices[0].platform
+    chunks = [int(c) or None for c in FLAGS.loss_chunk]
+    rows = loss_memory.table(
+        FLAGS.loss_kind, FLAGS.loss_impl, chunks, FLAGS.loss_batch, FLAGS.loss_dim, devices, options
+    )
+    return {
+        "what": "loss_memory",
+        "batch_size": FLAGS.loss_batch,
+        "dim": FLAGS.loss_dim,
+        "devices": len(devices),
+        "target": where,
+        "rows": [r.row() for r in rows],
+    }
+
+
 def main(argv):
     del argv
     cfg = _cli.load(FLAGS.config, OVERRIDES)
@@ -126,6 +168,7 @@ def main(argv):
         "step": measure_step,
         "data": measure_data,
         "pipeline": measure_pipeline,
+        "loss_memory": measure_loss_memory,
     }
     for what in FLAGS.what:
         result = {"config": cfg.name, "batch_size": cfg.data.batch_size, **measures[what](cfg)}

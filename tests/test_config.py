@@ -47,3 +47,30 @@ def test_bad_value_type_is_an_error():
 def test_unknown_config_name_lists_available():
     with pytest.raises(config_lib.ConfigError, match="demo"):
         config_lib.load_config("dmeo")
+
+
+def test_loss_kind_and_impl_must_be_known_names():
+    cfg = config_lib.load_config("demo")
+    with pytest.raises(config_lib.ConfigError, match=r"loss\.impl=ring"):
+        config_lib.override(cfg, "loss.impl", "rnig")
+    with pytest.raises(config_lib.ConfigError, match="'contrastive', 'siglip', 'cosine'"):
+        config_lib.override(cfg, "loss.kind", "infonce")
+    config_lib.override(cfg, "loss.kind", "siglip")
+    assert cfg.loss.kind == "siglip"
+
+
+def test_config_choices_are_the_losses_names():
+    from jaxclip import losses
+
+    assert config_lib.CHOICES["loss.kind"] == ("", *losses.OBJECTIVE_KINDS)  # "": the kind's
+    assert config_lib.CHOICES["loss.impl"] == losses.LOSS_IMPLS
+
+
+def test_a_config_file_with_an_unknown_loss_kind_does_not_load(tmp_path):
+    path = tmp_path / "bad_loss.py"
+    path.write_text(
+        "from jaxclip.config import base_config\n\n\n"
+        "def get_config():\n    c = base_config()\n    c.loss.kind = 'sigmoid'\n    return c\n"
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"loss\.kind='sigmoid' in config 'bad_loss'"):
+        config_lib.load_config(str(path))

@@ -1,107 +1,32 @@
-"""Tests for jaxclip.losses against an independent float64 numpy reference."""
+"""InfoNCE, the positive-pair term and `objective` against independent float64 references."""
 
 import jax
 import jax.numpy as jnp
+import loss_references as ref
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxclip.losses import contrastive_loss, objective, positive_pair_loss
 
 BATCH, DIM, SCALE = 32, 16, 10.0
-MESH_SHAPES = [(8, 1, 1), (4, 2, 1), (2, 2, 2)]
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------- numpy float64 reference
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _embeddings(seed: int = 0, noise: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Random unit embeddings; with `noise`, texts are noisy copies so top-1 is non-trivial."""
-    rng = np.random.default_rng(seed)
-    u = _normalize(rng.normal(size=(BATCH, DIM)))
-    other = rng.normal(size=(BATCH, DIM))
-    v = _normalize(other if noise is None else u + noise * other)
-    return u.astype(np.float32), v.astype(np.float32)
+    return ref.embeddings(BATCH, DIM, seed, noise)
 
 
-def _log_softmax(z: np.ndarray, axis: int) -> np.ndarray:
-    z = z - z.max(axis=axis, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+_mesh, _place = ref.mesh, ref.place
+ref_loss, ref_grads, ref_metrics = ref.infonce_loss, ref.infonce_grads, ref.metrics
 
 
-def _softmax(z: np.ndarray, axis: int) -> np.ndarray:
-    return np.exp(_log_softmax(z, axis))
-
-
-def ref_loss(u, v, s, b=0.0, labels=None) -> float:
-    """-1/(2B) sum_i [log softmax_j(Z_ij)[label_i] + log softmax_j(Z_ji)[label_i]]."""
-    u, v = np.float64(u), np.float64(v)
-    z = s * u @ v.T + b
-    n = z.shape[0]
-    labels = np.arange(n) if labels is None else labels
-    i2t = _log_softmax(z, axis=1)[np.arange(n), labels]  # image i over all texts
-    t2i = _log_softmax(z, axis=0)[labels, np.arange(n)]  # text i over all images
-    return float(-(i2t.sum() + t2i.sum()) / (2 * n))
-
-
-def ref_grads(u, v, s, b=0.0) -> dict[str, np.ndarray]:
-    """Analytic gradients: dL/dZ = (softmax_rows(Z) - I + softmax_cols(Z) - I) / (2B)."""
-    u, v = np.float64(u), np.float64(v)
-    sims = u @ v.T
-    z = s * sims + b
-    n = z.shape[0]
-    eye = np.eye(n)
-    g = (_softmax(z, axis=1) - eye + _softmax(z, axis=0) - eye) / (2 * n)
-    return {
-        "u": s * g @ v,
-        "v": s * g.T @ u,
-        "scale": np.sum(g * sims),
-        "bias": np.sum(g),
-    }
-
-
-def ref_metrics(u, v) -> dict[str, float]:
-    u, v = np.float64(u), np.float64(v)
-    sims = u @ v.T
-    n = sims.shape[0]
-    off_diag = ~np.eye(n, dtype=bool)
-    return {
-        "i2t_top1": float(np.mean(sims.argmax(axis=1) == np.arange(n))),
-        "t2i_top1": float(np.mean(sims.argmax(axis=0) == np.arange(n))),
-        "pos_sim": float(np.mean(np.diag(sims))),
-        "neg_sim": float(np.mean(sims[off_diag])),
-    }
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _mesh(shape):
-    return jax.make_mesh(
-        shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
-    )
-
-
-def _place(mesh, *arrays):
-    if mesh is None:
-        return tuple(jnp.asarray(a) for a in arrays)
-    sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    return tuple(jax.device_put(a, sharding) for a in arrays)
-
-
-def _loss_and_grads(u, v, scale, bias=None, *, mesh, chunk_size=None):
+def _loss_and_grads(u, v, scale, bias=None, *, mesh, chunk_size=None, impl="gather"):
     """Jitted loss, metrics and gradients w.r.t. (image, text, scale[, bias])."""
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
 
     def f(u, v, s, *b):
-        return contrastive_loss(u, v, s, *b, mesh=mesh, chunk_size=chunk_size)
+        return contrastive_loss(u, v, s, *b, mesh=mesh, chunk_size=chunk_size, impl=impl)
 
     fn = jax.jit(jax.value_and_grad(f, argnums=argnums, has_aux=True))
     args = (u, v, jnp.float32(scale)) + (() if bias is None else (jnp.float32(bias),))
@@ -112,12 +37,13 @@ def _loss_and_grads(u, v, scale, bias=None, *, mesh, chunk_size=None):
 # ---------------------------------------------------------------- contrastive loss
 
 
+@pytest.mark.parametrize("impl", ["gather", "ring"])
 @pytest.mark.parametrize("bias", [None, -2.5])
-@pytest.mark.parametrize("shape", MESH_SHAPES)
-def test_sharded_loss_and_grads_match_float64_reference(shape, bias):
+@pytest.mark.parametrize("shape", ref.MESH_SHAPES)
+def test_sharded_loss_and_grads_match_float64_reference(shape, bias, impl):
     mesh = _mesh(shape)
     u, v = _embeddings(seed=1)
-    loss, _, grads = _loss_and_grads(*_place(mesh, u, v), SCALE, bias, mesh=mesh)
+    loss, _, grads = _loss_and_grads(*_place(mesh, u, v), SCALE, bias, mesh=mesh, impl=impl)
     b = 0.0 if bias is None else bias
     want = ref_grads(u, v, SCALE, b)
     np.testing.assert_allclose(loss, ref_loss(u, v, SCALE, b), **LOSS_TOL)
@@ -193,10 +119,20 @@ def test_permuting_text_rows_changes_the_loss():
     assert float(permuted) > float(loss) + 0.1
 
 
-def test_chunk_size_not_dividing_the_batch_raises():
+def test_chunk_size_not_dividing_the_batch_is_a_shorter_last_tile():
+    mesh = _mesh((8, 1, 1))
+    u, v = _place(mesh, *_embeddings(seed=10, noise=1.0))
+    full = _loss_and_grads(u, v, SCALE, mesh=mesh)
+    chunked = _loss_and_grads(u, v, SCALE, mesh=mesh, chunk_size=5)  # 32 = 6 x 5 + 2
+    np.testing.assert_allclose(chunked[0], full[0], **LOSS_TOL)
+    for got, want in zip(chunked[2], full[2], strict=True):
+        np.testing.assert_allclose(got, want, **GRAD_TOL)
+
+
+def test_chunk_size_must_be_positive():
     u, v = _embeddings()
     with pytest.raises(ValueError, match="chunk_size"):
-        contrastive_loss(u, v, SCALE, mesh=_mesh((8, 1, 1)), chunk_size=5)
+        contrastive_loss(u, v, SCALE, mesh=_mesh((8, 1, 1)), chunk_size=0)
 
 
 # ---------------------------------------------------------------- positive-pair / objective
@@ -263,5 +199,11 @@ def test_contrastive_objective_adds_weighted_positive_pair_term():
 
 def test_unknown_objective_kind_raises_naming_valid_kinds():
     u, v = _embeddings()
-    with pytest.raises(ValueError, match="contrastive.*cosine"):
+    with pytest.raises(ValueError, match="contrastive.*siglip.*cosine"):
         objective(u, v, SCALE, mesh=None, kind="sigmoid")
+
+
+def test_unknown_impl_raises_naming_valid_impls():
+    u, v = _embeddings()
+    with pytest.raises(ValueError, match="gather.*ring"):
+        objective(u, v, SCALE, mesh=None, impl="allgather")

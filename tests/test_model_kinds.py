@@ -7,6 +7,7 @@ import pytest
 from fake_store import build_fake_store, fake_vector
 from tiny import tiny_config
 
+from jaxclip import config as config_lib
 from jaxclip import mesh as mesh_lib
 from jaxclip import model_kinds, run_setup
 from jaxclip.config import ConfigError
@@ -76,3 +77,29 @@ def test_unknown_kind_and_a_head_of_the_wrong_width_are_refused(tmp_path):
     wrong = tiny_config(**{**LIFT, "model.embed_dim": 32})
     with pytest.raises(ConfigError, match="model.embed_dim=32 must equal text_encoder.dim=24"):
         run_setup.build(wrong)
+
+
+@pytest.mark.parametrize(
+    "kind, impl", [("clip", "gather"), ("clip", "ring"), ("lift", "gather"), ("lift", "ring")]
+)
+def test_a_step_accumulated_over_4_micro_batches_equals_the_full_batch_step(kind, impl, tmp_path):
+    """train.accum_steps through the one train step: same loss, same parameters after the
+    update (eps 1e-4: the attention key bias has an exactly-zero gradient whose rounding
+    noise Adam would otherwise amplify to +-lr)."""
+    overrides = {"loss.impl": impl, "optim.eps": 1e-4, "data.batch_size": 32}
+    after = {}
+    for steps in (1, 4):
+        cfg = kind_config(kind, tmp_path)
+        values = {**overrides, "train.accum_steps": steps}
+        config_lib.apply_overrides(cfg, [(k, str(v)) for k, v in values.items()])
+        setup = run_setup.build(cfg, jax.devices())
+        batch = run_setup.synthetic_batch(setup, np.random.default_rng(1))
+        state, metrics = make_train_step(setup)(
+            run_setup.init_state(setup), mesh_lib.global_batch(setup.mesh, batch)
+        )
+        after[steps] = jax.tree.map(np.asarray, (state["params"], metrics))
+    (params_1, metrics_1), (params_4, metrics_4) = after[1], after[4]
+    np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params_4), jax.tree.leaves(params_1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
