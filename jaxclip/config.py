@@ -260,6 +260,9 @@ def base_config() -> ml_collections.ConfigDict:
     # > 1: each step's batch in this many micro-batches, with the full batch's negatives
     # (the gradient cache, jaxclip/grad_cache.py): memory for time, the same update.
     t.accum_steps = 1
+    # A non-finite loss or gradient stops the run, naming the step and the last good
+    # checkpoint; with skip_nonfinite the update is skipped instead (and counted).
+    t.skip_nonfinite = False
     t.log_every = 10
     t.eval_every = 500
     t.checkpoint_every = 500

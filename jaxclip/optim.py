@@ -1,4 +1,5 @@
-"""AdamW with a warm-up + cosine schedule and decoupled weight decay on matrices only."""
+"""AdamW with a warm-up + cosine schedule and decoupled weight decay on matrices only; frozen
+parameters (`optim.frozen`) get no update and no optimizer state."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import ml_collections
 import optax
 from flax import nnx
 
-# Parameters whose names end like this are never decayed, whatever their rank (CLIP's recipe,
-# Radford et al. 2021: no decay on gains, biases, position embeddings or the logit scale).
+# CLIP's recipe (Radford et al. 2021): weight decay on weight matrices and the token
+# embedding table, never on gains, biases, position embeddings or the logit scale. Biases
+# can have two axes (q/k/v: heads x head_dim), so rank alone does not tell them apart.
 NO_DECAY_NAMES = ("pos_embed",)
+NO_DECAY_SUFFIXES = ("bias", "scale")
 
 
 def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int):
@@ -26,17 +29,19 @@ def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: in
 
 
 def decay_mask(state: nnx.State) -> dict:
-    """True for weight matrices, judged by logical axes so stacked layers count right.
+    """True for the parameters weight decay applies to: matrices (kernels, projections, the
+    token embedding), judged by logical axes so stacked layers count right.
 
-    A matrix has at least two axes besides "layers" and none of them is a LayerNorm's
-    "norm"; embeddings of position and class tokens are excluded by name.
+    A matrix has at least two axes besides "layers", none of them a LayerNorm's "norm";
+    biases and gains (names ending in bias or scale) and position embeddings never decay.
     """
 
     def is_decayed(path, var) -> bool:
         name = str(getattr(path[-1], "key", path[-1]))
         axes = var.get_metadata().get("logical_axes") or (None,) * var.get_value().ndim
         dims = [a for a in axes if a != "layers"]
-        return len(dims) >= 2 and "norm" not in dims and not any(n in name for n in NO_DECAY_NAMES)
+        excluded = name.endswith(NO_DECAY_SUFFIXES) or any(n in name for n in NO_DECAY_NAMES)
+        return len(dims) >= 2 and "norm" not in dims and not excluded
 
     mask = jax.tree_util.tree_map_with_path(
         is_decayed, state, is_leaf=lambda x: isinstance(x, nnx.Variable)

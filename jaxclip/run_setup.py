@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
@@ -77,6 +78,8 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> RunSetup:
     graphdef, abstract_vars = nnx.split(abstract_model)
     param_specs = nnx.to_pure_dict(mesh_lib.state_specs(abstract_vars, dict(cfg.mesh.rules), mesh))
     abstract_params = nnx.to_pure_dict(abstract_vars)
+    for message in replicated_dims(abstract_vars, dict(cfg.mesh.rules), mesh):
+        logging.warning(message)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, decay_mask(abstract_vars))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     # Optimizer moments mirror the parameters' layout (frozen parameters have none); scalars
@@ -101,6 +104,25 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> RunSetup:
         model_fn=model_fn,
         batch_fields=model_kinds.batch_fields(cfg),
     )
+
+
+def replicated_dims(state: nnx.State, rules: dict, mesh: Mesh) -> list[str]:
+    """One line per parameter dimension whose rule names a mesh axis that does not divide
+    it, so it is replicated there (more memory than the rules suggest)."""
+    found = []
+    for path, var in jax.tree_util.tree_leaves_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    ):
+        axes = var.get_metadata().get("logical_axes") or ()
+        for name, dim in zip(axes, var.get_value().shape, strict=True):
+            axis = rules.get(name)
+            if axis is not None and mesh.shape[axis] > 1 and dim % mesh.shape[axis]:
+                where = "/".join(str(getattr(k, "key", k)) for k in path)
+                found.append(
+                    f"Parameter {where}: its {name!r} dimension ({dim}) is not divisible by "
+                    f"mesh axis {axis!r} ({mesh.shape[axis]}), so it is replicated there."
+                )
+    return found
 
 
 def init_state(setup: RunSetup, params: dict | None = None) -> dict:

@@ -35,6 +35,25 @@ class WorkdirError(RuntimeError):
     """The work directory cannot be used."""
 
 
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient was not finite."""
+
+
+def check_finite(step: int, nonfinite, cfg: ml_collections.ConfigDict, checkpointer) -> int:
+    """1 for a non-finite step (waiting for it), 0 else; stops the run at a non-finite step,
+    before it is saved, unless train.skip_nonfinite (then its update was skipped)."""
+    if not int(nonfinite) or cfg.train.skip_nonfinite:
+        return int(nonfinite)
+    last = checkpointer.latest_step()
+    where = f"step {last} in {checkpointer.directory}" if last is not None else "none yet"
+    raise NonFiniteError(
+        f"Step {step} gave a non-finite loss or gradient, so training stopped there without "
+        f"saving it. The last good checkpoint: {where}; rerunning resumes from it. Lower "
+        f"optim.lr or set optim.grad_clip_norm, check the data, or skip such updates with "
+        f"--config.train.skip_nonfinite=true."
+    )
+
+
 def prepare_workdir(workdir: str | Path) -> Path:
     """Creates the workdir and proves it is writable before anything expensive starts."""
     path = Path(workdir)
@@ -232,62 +251,69 @@ def train(
         dynamic_ncols=True,
     )
     tick, tick_step = time.perf_counter(), first_step
-    in_flight, stopping = None, False
-    for step in range(first_step + 1, last_step + 1):
-        local = next(batches)
-        index_sum = int(np.sum(local.pop("index")))  # which records: logged to check order
-        state, metrics = train_step(state, mesh_lib.global_batch(setup.mesh, local))
-        # Wait for the previous step, not this one: one step stays queued (the device never
-        # idles) and the bar counts finished steps, so its rate and ETA are real.
+    in_flight, stopping, skipped = None, False, 0
+    try:
+        for step in range(first_step + 1, last_step + 1):
+            local = next(batches)
+            index_sum = int(np.sum(local.pop("index")))  # which records: logged to check order
+            state, metrics = train_step(state, mesh_lib.global_batch(setup.mesh, local))
+            # Wait for the previous step, not this one: one step stays queued (the device never
+            # idles) and the bar counts finished steps, so its rate and ETA are real.
+            if in_flight is not None:
+                skipped += check_finite(*in_flight, cfg, checkpointer)  # waits for that step
+                bar.update(1)
+            in_flight = (step, metrics["nonfinite"])
+            stopping = preemption.should_stop(setup.mesh)  # the same answer on every process
+
+            if step % cfg.train.log_every == 0 or step == last_step:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                images_per_s = (step - tick_step) * cfg.data.batch_size / max(now - tick, 1e-9)
+                tick, tick_step = now, step
+                # Over the global batch, and the bad records over every process so far.
+                index_sum, seen, bad = distributed.process_sums(
+                    [index_sum, batches.seen, batches.bad]
+                )
+                metrics.update({"images_per_s": images_per_s, "data/index_sum": index_sum})
+                if cfg.train.skip_nonfinite:  # updates skipped so far in this run
+                    metrics["skipped_steps"] = skipped + int(metrics["nonfinite"])
+                metrics.update(bad_records.metrics(seen, bad))
+                writer.write(step, metrics, prefix="train/")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+                results.update({f"train/{k}": float(v) for k, v in metrics.items()})
+
+            if evaluators and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                scores = evaluate(encoders, evaluators, state["params"])
+                writer.write(step, scores, prefix="eval/")
+                results.update({f"eval/{k}": v for k, v in scores.items()})
+                message = f"step {step} eval: {_format(scores)}"
+                if bar.disable:
+                    logging.info(message)
+                else:
+                    bar.write(message)  # a log line would tear the progress bar
+                tick = time.perf_counter()  # evaluation time is not training throughput
+
+            if step % cfg.train.checkpoint_every == 0 or step == last_step or stopping:
+                check_finite(step, metrics["nonfinite"], cfg, checkpointer)  # never save NaNs
+                seen, bad = distributed.process_sums([batches.seen, batches.bad])
+                totals = {"seen_records": seen, "bad_records": bad}
+                meta = checkpoint_meta(setup, order, totals)
+                checkpointer.save(step, state, config_lib.to_json(cfg), meta, force=True)
+            if stopping:
+                break
         if in_flight is not None:
-            in_flight.block_until_ready()
+            skipped += check_finite(*in_flight, cfg, checkpointer)
             bar.update(1)
-        in_flight = metrics["loss"]
-        stopping = preemption.should_stop(setup.mesh)  # the same answer on every process
-
-        if step % cfg.train.log_every == 0 or step == last_step:
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            images_per_s = (step - tick_step) * cfg.data.batch_size / max(now - tick, 1e-9)
-            tick, tick_step = now, step
-            # Over the global batch, and the bad records over every process so far.
-            index_sum, seen, bad = distributed.process_sums([index_sum, batches.seen, batches.bad])
-            metrics.update({"images_per_s": images_per_s, "data/index_sum": index_sum})
-            metrics.update(bad_records.metrics(seen, bad))
-            writer.write(step, metrics, prefix="train/")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-            results.update({f"train/{k}": float(v) for k, v in metrics.items()})
-
-        if evaluators and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-            scores = evaluate(encoders, evaluators, state["params"])
-            writer.write(step, scores, prefix="eval/")
-            results.update({f"eval/{k}": v for k, v in scores.items()})
-            message = f"step {step} eval: {_format(scores)}"
-            if bar.disable:
-                logging.info(message)
-            else:
-                bar.write(message)  # a log line would tear the progress bar
-            tick = time.perf_counter()  # evaluation time is not training throughput
-
-        if step % cfg.train.checkpoint_every == 0 or step == last_step or stopping:
-            seen, bad = distributed.process_sums([batches.seen, batches.bad])
-            totals = {"seen_records": seen, "bad_records": bad}
-            meta = checkpoint_meta(setup, order, totals)
-            checkpointer.save(step, state, config_lib.to_json(cfg), meta, force=True)
-        if stopping:
-            break
-    if in_flight is not None:
-        in_flight.block_until_ready()
-        bar.update(1)
-    bar.close()
-    batches.close()
-    checkpointer.close()  # waits for the last save to be complete on disk
-    preemption.close()
+    finally:  # also when a step or the data fails: workers stopped, saves finished
+        bar.close()
+        batches.close()
+        checkpointer.close()  # waits for the last save to be complete on disk
+        preemption.close()
+        writer.close()
     if stopping:
         logging.warning(
             "Preempted at step %d: checkpoint saved; rerun the same command to resume.", step
         )
-    writer.close()
     return results
 
 

@@ -7,7 +7,10 @@ shardings, and the state is donated.
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -19,11 +22,21 @@ from jaxclip.models.build import compute_dtype
 from jaxclip.run_setup import RunSetup
 
 
+def bounded_logit_scale(params: dict, max_log_scale: float) -> dict:
+    """Clamps the log logit scale after an update (as open_clip does): a clamp inside the
+    forward pass would give it a zero gradient above the bound, from which it never comes
+    back."""
+    if "logit_scale" not in params:
+        return params
+    return {**params, "logit_scale": jnp.minimum(params["logit_scale"], max_log_scale)}
+
+
 def make_train_step(setup: RunSetup):
     cfg, mesh, graphdef = setup.cfg, setup.mesh, setup.graphdef
     dtype = compute_dtype(cfg.model)
     text_fields = [name for name in setup.batch_fields if name != "image"]
     loss_kind = model_kinds.loss_kind(cfg)
+    max_log_scale = math.log(cfg.model.max_logit_scale)
 
     def embed(params, batch):
         """The model on (a micro-batch of) the batch: per-example embeddings and scalars."""
@@ -51,8 +64,17 @@ def make_train_step(setup: RunSetup):
             embed, objective, state["params"], batch, steps=cfg.train.accum_steps, mesh=mesh
         )
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]))
+        params = bounded_logit_scale(optax.apply_updates(state["params"], updates), max_log_scale)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        if cfg.train.skip_nonfinite:  # keep the state as it was; the loop logs the skip
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state["params"], state["opt_state"]),
+            )
+        lr = setup.schedule(state["step"])
+        metrics = dict(metrics, grad_norm=grad_norm, lr=lr, nonfinite=(~finite).astype(jnp.int32))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics
 

@@ -94,6 +94,7 @@ def main(argv: list[str]) -> None:
         results = train_lib.train(cfg, workdir, progress=FLAGS.progress)
     except (
         train_lib.WorkdirError,
+        train_lib.NonFiniteError,
         CheckpointError,
         StoreError,
         ConfigError,

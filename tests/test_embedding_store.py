@@ -245,6 +245,7 @@ def test_minilm_embeds_shapes_captions_through_the_frozen_encoder():
         "name": "all-MiniLM-L6-v2",
         "dim": 384,
         "max_length": 16,
+        "instruction": "",
         "pooling": "mean",
         "normalize": True,
     }

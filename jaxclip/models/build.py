@@ -43,7 +43,6 @@ def build_clip_model(
         remat=model_cfg.remat,
         dtype=compute_dtype(model_cfg),
         init_logit_scale=model_cfg.init_logit_scale,
-        max_logit_scale=model_cfg.max_logit_scale,
         logit_bias=model_cfg.logit_bias,
         rngs=rngs,
     )
@@ -69,7 +68,6 @@ def build_lift_model(
         image,
         embed_dim=model_cfg.embed_dim,
         init_logit_scale=model_cfg.init_logit_scale,
-        max_logit_scale=model_cfg.max_logit_scale,
         logit_bias=model_cfg.logit_bias,
         dtype=dtype,
         rngs=rngs,

@@ -44,7 +44,6 @@ class LiftModel(nnx.Module):
         *,
         embed_dim: int,
         init_logit_scale: float = math.log(1 / 0.07),
-        max_logit_scale: float = 100.0,
         logit_bias: float | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -56,7 +55,6 @@ class LiftModel(nnx.Module):
         self.head = LiftHead(image.width, embed_dim, dtype=dtype, rngs=rngs)
         self.logit_scale = const_param((), init_logit_scale, ())
         self.logit_bias = None if logit_bias is None else const_param((), logit_bias, ())
-        self.max_log_scale = math.log(max_logit_scale)
         self.out_dim = embed_dim
 
     def encode_image(self, images: jax.Array) -> jax.Array:
@@ -64,7 +62,7 @@ class LiftModel(nnx.Module):
         return l2_normalize(self.head(features).astype(jnp.float32))
 
     def scale(self) -> jax.Array:
-        return jnp.exp(jnp.minimum(self.logit_scale[...], self.max_log_scale)).astype(jnp.float32)
+        return jnp.exp(self.logit_scale[...].astype(jnp.float32))  # bounded by the train step
 
     def bias(self) -> jax.Array | None:
         return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)

@@ -25,14 +25,12 @@ class TwoTower(nnx.Module):
         text: TextTransformer,
         *,
         init_logit_scale: float = math.log(1 / 0.07),
-        max_logit_scale: float = 100.0,
         logit_bias: float | None = None,
     ):
         if text.out_dim != image.out_dim:
             raise ValueError(f"image out_dim {image.out_dim} != text out_dim {text.out_dim}")
         self.image = image
         self.text = text
-        self.max_logit_scale = float(max_logit_scale)
         # The scale is stored in log space; scale() exponentiates it.
         self.logit_scale = const_param((), init_logit_scale, ())
         self.logit_bias = None if logit_bias is None else const_param((), logit_bias, ())
@@ -48,9 +46,9 @@ class TwoTower(nnx.Module):
         return l2_normalize(features)
 
     def scale(self) -> Array:
-        """exp(logit_scale), clamped so the scale used never exceeds max_logit_scale."""
-        log_scale = self.logit_scale[...].astype(jnp.float32)
-        return jnp.exp(jnp.minimum(log_scale, math.log(self.max_logit_scale)))
+        """exp(logit_scale). The train step keeps the parameter at most log(max_logit_scale)
+        after every update, so its gradient is never cut off at the bound."""
+        return jnp.exp(self.logit_scale[...].astype(jnp.float32))
 
     def bias(self) -> Array | None:
         return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)
@@ -98,7 +96,6 @@ def build_clip(
     dtype: DType = jnp.float32,
     param_dtype: DType = jnp.float32,
     init_logit_scale: float = math.log(1 / 0.07),
-    max_logit_scale: float = 100.0,
     logit_bias: float | None = None,
     rngs: nnx.Rngs | None = None,
     **image_overrides: Any,
@@ -132,6 +129,5 @@ def build_clip(
         image,
         text,
         init_logit_scale=init_logit_scale,
-        max_logit_scale=max_logit_scale,
         logit_bias=logit_bias,
     )
