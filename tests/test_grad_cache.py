@@ -13,8 +13,7 @@ from tiny import tiny_config
 from jaxclip import losses
 from jaxclip.data.transforms import normalize_images
 from jaxclip.grad_cache import accumulated_value_and_grad, micro_batches
-from jaxclip.models.build import build_model
-from jaxclip.models.layers import l2_normalize
+from jaxclip.models.build import build_clip_model, build_lift_model
 
 BATCH, STEPS, VOCAB, LR = 32, 4, 64, 1e-3
 # These programs run a few times each: compiling them without LLVM's optimisations is 2-3x
@@ -39,7 +38,9 @@ def _model(**overrides):
     cfg = tiny_config(**{"model.logit_bias": "-2.0", **overrides})
 
     def build():
-        return build_model(cfg.model, image_size=32, vocab_size=VOCAB, rngs=nnx.Rngs(0))
+        if cfg.model.kind == "lift":
+            return build_lift_model(cfg.model, image_size=32, rngs=nnx.Rngs(0))
+        return build_clip_model(cfg.model, image_size=32, vocab_size=VOCAB, rngs=nnx.Rngs(0))
 
     graphdef = nnx.graphdef(nnx.eval_shape(build))
     # Initialised under jit: eager initialisation dispatches every op and takes seconds.
@@ -70,8 +71,7 @@ def _embed_fn(graphdef, lift):
         model = nnx.merge(graphdef, params)
         images = normalize_images(batch["image"])
         if lift:  # the text side is a batch field: no parameter reaches it
-            out = model(images)
-            return {**out, "text": l2_normalize(batch["text_emb"].astype(jnp.float32))}
+            return model(images, batch["text_emb"])
         return model(images, batch["tokens"], batch["mask"])
 
     return embed

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxclip import config as config_lib
 from jaxclip.losses import objective, positive_pair_loss, sigmoid_loss
-from jaxclip.models.build import build_model
+from jaxclip.models.build import build_clip_model
 
 BATCH, DIM = 32, 16
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -106,7 +106,7 @@ def test_siglip_configs_start_at_the_papers_temperature_and_bias(name):
     config_lib.apply_overrides(cfg, [(f"model.{k}", str(v)) for k, v in tiny.items()])
 
     def scale_and_bias():
-        model = build_model(cfg.model, image_size=32, vocab_size=64, rngs=nnx.Rngs(0))
+        model = build_clip_model(cfg.model, image_size=32, vocab_size=64, rngs=nnx.Rngs(0))
         return model.scale(), model.bias()
 
     scale, bias = jax.jit(scale_and_bias)()
