@@ -139,15 +139,18 @@ def make_train_step(setup: Setup):
     dtype = compute_dtype(cfg.model)
 
     lift = cfg.model.kind == "lift"
+    rules = dict(cfg.mesh.rules)
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, rng):
         model = nnx.merge(graphdef, params)
         images = normalize_images(batch["image"], dtype)
-        if lift:  # the text side is the frozen encoder's stored embedding: no text tower
-            out = model(images)
-            out["text"] = l2_normalize(batch["text_emb"].astype(jnp.float32))
-        else:
-            out = model(images, batch["tokens"], batch["mask"])
+        # Activations inside the towers are sharded by the mesh rules (ZeRO-3 under fsdp).
+        with mesh_lib.activation_sharding(mesh, rules):
+            if lift:  # the text side is the frozen encoder's stored embedding: no text tower
+                out = model(images, rng=rng)
+                out["text"] = l2_normalize(batch["text_emb"].astype(jnp.float32))
+            else:
+                out = model(images, batch["tokens"], batch["mask"], rng=rng)
         return losses.objective(
             out["image"],
             out["text"],
@@ -160,8 +163,10 @@ def make_train_step(setup: Setup):
         )
 
     def train_step(state, batch):
+        # Randomness (patch dropout) follows from the seed and the step: resumes replay it.
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], batch)
+        (_, metrics), grads = grad_fn(state["params"], batch, rng)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]))
@@ -206,6 +211,17 @@ def checkpoint_meta(setup: Setup) -> dict:
     }
 
 
+# Model keys that change how the model computes, not its parameters: free to change on resume.
+_HOW_NOT_WHAT = (
+    "dtype",
+    "remat",
+    "remat_policy",
+    "scan_layers",
+    "attention",
+    "image.patch_dropout",
+)
+
+
 def check_compatible(cfg: ml_collections.ConfigDict, saved_cfg: dict, step_dir: Path) -> None:
     """Refuses to resume a checkpoint whose model differs from the configured one."""
     current = cfg.model.to_dict()
@@ -213,7 +229,7 @@ def check_compatible(cfg: ml_collections.ConfigDict, saved_cfg: dict, step_dir: 
     diffs = [
         k
         for k in sorted(set(config_lib.flat_keys(current)) | set(config_lib.flat_keys(saved)))
-        if _get(current, k) != _get(saved, k) and k not in ("dtype", "remat", "scan_layers")
+        if _get(current, k) != _get(saved, k) and k not in _HOW_NOT_WHAT
     ]
     if diffs:
         detail = ", ".join(

@@ -56,8 +56,8 @@ class LiftModel(nnx.Module):
         self.max_log_scale = math.log(max_logit_scale)
         self.out_dim = embed_dim
 
-    def encode_image(self, images: jax.Array) -> jax.Array:
-        features, _ = self.image(images)
+    def encode_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        features, _ = self.image(images, rng=rng)
         return l2_normalize(self.head(features).astype(jnp.float32))
 
     def scale(self) -> jax.Array:
@@ -66,5 +66,7 @@ class LiftModel(nnx.Module):
     def bias(self) -> jax.Array | None:
         return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)
 
-    def __call__(self, images: jax.Array) -> dict:
-        return {"image": self.encode_image(images), "scale": self.scale(), "bias": self.bias()}
+    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None) -> dict:
+        """`rng` (training only) draws the image tower's patch dropout."""
+        image = self.encode_image(images, rng=rng)
+        return {"image": image, "scale": self.scale(), "bias": self.bias()}

@@ -42,9 +42,9 @@ class TwoTower(nnx.Module):
         self.logit_scale = const_param((), init_logit_scale, ())
         self.logit_bias = None if logit_bias is None else const_param((), logit_bias, ())
 
-    def encode_image(self, images: Array) -> Array:
-        """(B, H, W, 3) -> unit-norm float32 (B, D)."""
-        features, _ = self.image(images)
+    def encode_image(self, images: Array, *, rng: Array | None = None) -> Array:
+        """(B, H, W, 3) -> unit-norm float32 (B, D); `rng` turns on patch dropout."""
+        features, _ = self.image(images, rng=rng)
         return l2_normalize(features)
 
     def encode_text(self, tokens: Array, mask: Array) -> Array:
@@ -63,17 +63,23 @@ class TwoTower(nnx.Module):
         return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)
 
     def __call__(
-        self, images: Array, tokens: Array | None = None, mask: Array | None = None
+        self,
+        images: Array,
+        tokens: Array | None = None,
+        mask: Array | None = None,
+        *,
+        rng: Array | None = None,
     ) -> dict[str, Any] | Array:
-        """Both towers -> dict(image, text, scale, bias); with text=None -> image embeddings."""
+        """Both towers -> dict(image, text, scale, bias); with text=None -> image embeddings.
+        `rng` (training only) draws the image tower's patch dropout."""
         if self.text is None:
             if tokens is not None:
                 raise ValueError("tokens given but this TwoTower has no text tower")
-            return self.encode_image(images)
+            return self.encode_image(images, rng=rng)
         if tokens is None or mask is None:
             raise ValueError("tokens and mask are required when the model has a text tower")
         return dict(
-            image=self.encode_image(images),
+            image=self.encode_image(images, rng=rng),
             text=self.encode_text(tokens, mask),
             scale=self.scale(),
             bias=self.bias(),
@@ -111,6 +117,9 @@ def build_clip(
     act: str = "quick_gelu",
     scan: bool = True,
     remat: bool = False,
+    remat_policy: str = "nothing_saveable",
+    attention: str = "einsum",
+    patch_dropout: float = 0.0,
     dtype: DType = jnp.float32,
     param_dtype: DType = jnp.float32,
     init_logit_scale: float = math.log(1 / 0.07),
@@ -127,11 +136,13 @@ def build_clip(
     """
     rngs = nnx.Rngs(0) if rngs is None else rngs
     common = dict(act=act, scan=scan, remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    common.update(remat_policy=remat_policy, attention=attention)
     image = VisionTransformer(
         image_variant,
         image_size=image_size,
         pool=pool,
         proj_dim=embed_dim,
+        patch_dropout=patch_dropout,
         **common,
         **image_overrides,
     )
