@@ -4,6 +4,8 @@
     python launch/benchmark.py --config vit_b16_clip --what=flops  # compiled FLOPs / memory
     python launch/benchmark.py --config demo --config.data.batch_size=64 --steps=20
     python launch/benchmark.py --what=pipeline --batches=20   # converted-data input pipeline
+    python launch/benchmark.py --config vit_b16_clip --what=step --config.data.batch_size=256
+        # images/s and MFU (analytic model FLOPs, jaxclip/flops.py, over the device's peak)
 
 Compiled figures (FLOPs and bytes from XLA's cost and memory analysis) are deterministic and
 comparable across machines; times depend on the machine and its load: compare ratios
@@ -29,6 +31,9 @@ flags.DEFINE_list("what", ["flops", "step", "data"], "Measurements: flops, step,
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_integer("batches", 20, "Timed loader batches.")
 flags.DEFINE_bool("flops_scan", False, "Compile with scanned layers for the FLOP count.")
+flags.DEFINE_float(
+    "peak_tflops", 0.0, "Per-device bf16 peak for MFU (0 = from the device kind's table)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -70,6 +75,7 @@ def measure_step(cfg) -> dict:
     import jax
     import numpy as np
 
+    from jaxclip import flops
     from jaxclip import mesh as mesh_lib
     from jaxclip import train as train_lib
 
@@ -87,13 +93,23 @@ def measure_step(cfg) -> dict:
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     dt = (time.perf_counter() - t0) / FLAGS.steps
+    devices = int(setup.mesh.devices.size)
+    per_example = flops.model_flops(cfg).train
+    kind = jax.devices()[0].device_kind
+    peak = FLAGS.peak_tflops * 1e12 or flops.peak_flops(kind)
+    examples_per_s = cfg.data.batch_size / dt
     return {
         "what": "step",
         "seconds_per_step": dt,
-        "examples_per_s": cfg.data.batch_size / dt,
+        "examples_per_s": examples_per_s,
         "first_two_steps_s": compile_s,
-        "devices": int(setup.mesh.devices.size),
+        "devices": devices,
         "platform": jax.devices()[0].platform,
+        "device_kind": kind,
+        "attention": cfg.model.attention,
+        "model_flops_per_example": per_example,  # analytic, 3 x forward (jaxclip/flops.py)
+        "peak_flops_per_device": peak,
+        "mfu": flops.mfu(examples_per_s, per_example, devices, peak) if peak else None,
     }
 
 
