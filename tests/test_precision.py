@@ -32,6 +32,11 @@ def lowered():
         **{
             "model.dtype": "bfloat16",
             "model.remat": "true",
+            "model.scan_layers": "true",
+            # XLA's attention keeps bf16 operands in its backward (BF16_BF16_F32 dots); the
+            # einsum reference's backward upcasts the score gradients, as JAX transposes a
+            # float32-output dot. Accelerators use cudnn/pallas/xla, never the reference.
+            "model.attention": "xla",
             "model.embed_dim": EMBED,
             "model.text.width": TEXT_WIDTH,
             "data.batch_size": BATCH,

@@ -116,10 +116,11 @@ def attention(
     kv_lengths: Array | None = None,
 ) -> Array:  # (B, L, D) -> (B, L, D)
     """Multi-head self-attention with biases; `x` and the kernels in the compute dtype."""
-    q, k, v = (
-        constrain(jnp.einsum("bld,dhk->blhk", x, p[f"{n}_kernel"]) + p[f"{n}_bias"], HEADS)
-        for n in "qkv"
-    )
+    # One matmul for q, k and v (stacked on a new axis, so a heads-sharded layout stays).
+    kernel = jnp.stack([p["q_kernel"], p["k_kernel"], p["v_kernel"]], axis=1)  # (D, 3, H, K)
+    bias = jnp.stack([p["q_bias"], p["k_bias"], p["v_bias"]])  # (3, H, K)
+    qkv = jnp.einsum("bld,dthk->tblhk", x, kernel) + bias[:, None, None]
+    q, k, v = (constrain(t, HEADS) for t in qkv)
     attend = attention_fn(implementation, dtype)
     out = constrain(attend(q, k, v, causal=causal, kv_lengths=kv_lengths), HEADS)
     return jnp.einsum("blhk,hkd->bld", out, p["out_kernel"]) + p["out_bias"]
