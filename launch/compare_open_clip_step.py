@@ -1,6 +1,7 @@
 """The demo's CLIP train step in jaxclip against open_clip's, timed alternately in one sitting.
 
     python launch/compare_open_clip_step.py --open_clip_python=/tmp/ref-openclip/bin/python
+    python launch/compare_open_clip_step.py --baseline_root=/tmp/jaxclip-before  # + an old tree
 
 Architecture of the `demo` config in both: ViT width 128, 4 layers, 4 heads, patch 8 at
 64 px; text width 128, 2 layers, 4 heads, context 16; exact GELU; embedding 128; batch 64;
@@ -78,10 +79,11 @@ def open_clip_worker(threads: int):
     return steps, f"torch {torch.__version__}, open_clip {open_clip.__version__}"
 
 
-def jaxclip_worker(threads: int, overrides: list[str]):
-    """The `demo` config's real train step (train.build + make_train_step)."""
+def jaxclip_worker(threads: int, overrides: list[str], root: Path = ROOT):
+    """The `demo` config's real train step (train.build + make_train_step) of the jaxclip
+    source tree at `root`."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(root))
     import jax
     import numpy as np
 
@@ -117,21 +119,25 @@ def jaxclip_worker(threads: int, overrides: list[str]):
     return steps, f"jax {jax.__version__}, {' '.join(overrides) or 'demo as configured'}"
 
 
-def serve(kind: str, threads: int, overrides: list[str]) -> None:
+def serve(kind: str, threads: int, overrides: list[str], root: Path) -> None:
     """Worker loop: build, warm up, then answer each line 'n' with n steps' seconds."""
     # Answers go to the original stdout; anything the libraries print goes to stderr.
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    build = open_clip_worker if kind == "open_clip" else jaxclip_worker
-    steps, version = build(threads) if kind == "open_clip" else build(threads, overrides)
+    if kind == "open_clip":
+        steps, version = open_clip_worker(threads)
+    else:
+        steps, version = jaxclip_worker(threads, overrides, root)
+        version += f" ({root})"
     steps(3)  # compile / allocate
     print(json.dumps({"ready": version}), file=answers, flush=True)
     for line in sys.stdin:
         print(json.dumps({"seconds": steps(int(line))}), file=answers, flush=True)
 
 
-def start(python: str, kind: str, args) -> subprocess.Popen:
+def start(python: str, kind: str, args, root: Path = ROOT) -> subprocess.Popen:
     command = [python, __file__, f"--worker={kind}", f"--threads={args.threads}"]
+    command += [f"--root={root}"]
     command += [f"--override={o}" for o in args.override]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     return subprocess.Popen(
@@ -153,16 +159,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--override", action="append", default=[], help="jaxclip key=value")
+    parser.add_argument("--baseline_root", help="another jaxclip tree timed alongside")
     parser.add_argument("--worker", choices=["open_clip", "jaxclip"], help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=str(ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        serve(args.worker, args.threads, args.override)
+        serve(args.worker, args.threads, args.override, Path(args.root))
         return
 
     workers = {
         "jaxclip": start(sys.executable, "jaxclip", args),
         "open_clip": start(args.open_clip_python, "open_clip", args),
     }
+    if args.baseline_root:
+        workers["baseline"] = start(sys.executable, "jaxclip", args, Path(args.baseline_root))
     for name, worker in workers.items():  # both warm before any timing
         print(f"{name}: {ask(worker)['ready']}", flush=True)
     per_step = {name: [] for name in workers}
@@ -170,24 +180,23 @@ def main() -> None:
         order = list(workers) if r % 2 == 0 else list(workers)[::-1]  # ABBA: no order bias
         for name in order:
             per_step[name].append(ask(workers[name], str(args.steps))["seconds"] / args.steps)
-        print(
-            f"round {r + 1}: jaxclip {per_step['jaxclip'][-1]:.3f} s/step, open_clip "
-            f"{per_step['open_clip'][-1]:.3f} s/step, ratio "
-            f"{per_step['jaxclip'][-1] / per_step['open_clip'][-1]:.2f}",
-            flush=True,
-        )
+        times = ", ".join(f"{n} {t[-1]:.3f}" for n, t in per_step.items())
+        ratio = per_step["jaxclip"][-1] / per_step["open_clip"][-1]
+        print(f"round {r + 1} (s/step): {times}; jaxclip / open_clip {ratio:.2f}", flush=True)
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()
-    ratios = [j / o for j, o in zip(per_step["jaxclip"], per_step["open_clip"], strict=True)]
-    summary = {
-        "jaxclip_s_per_step": statistics.median(per_step["jaxclip"]),
-        "open_clip_s_per_step": statistics.median(per_step["open_clip"]),
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "overrides": args.override,
-    }
+    summary = {f"{name}_s_per_step": statistics.median(t) for name, t in per_step.items()}
+    for name in per_step:
+        if name != "open_clip":
+            ratios = [a / o for a, o in zip(per_step[name], per_step["open_clip"], strict=True)]
+            summary[f"{name}_over_open_clip"] = {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+            }
+    summary.update(threads=args.threads, rounds=args.rounds, steps=args.steps)
+    summary["overrides"] = args.override
     print(json.dumps(summary))
 
 

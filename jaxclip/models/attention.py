@@ -4,8 +4,10 @@
 float32 softmax, the math every other one must reproduce), `xla` and `cudnn` through
 `jax.nn.dot_product_attention` (cuDNN's fused flash attention on NVIDIA GPUs), `pallas`
 (the Pallas splash-attention kernel on TPU) and `auto`, which resolves per platform when the
-model is traced. All take and return (batch, length, heads, head_dim) arrays in the compute
-dtype; logits and softmax statistics are float32 in every implementation.
+model is traced: cudnn on a GPU in 16-bit compute (xla when no GPU is attached, as in an
+ahead-of-time compile), pallas on TPU, einsum on CPU. All take and return (batch, length,
+heads, head_dim) arrays in the compute dtype; logits and softmax statistics are float32 in
+every implementation.
 
 Masks: `causal` (the text tower) and `kv_lengths`, the number of real keys per example
 (right padding), so padded keys never receive weight.
@@ -46,7 +48,7 @@ def resolve(name: str, platform: str, dtype) -> str:
     gpu = platform in ("gpu", "cuda")
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if name == "auto":
-        if gpu and half:
+        if gpu and half and cudnn_present():
             return "cudnn"
         if platform == "tpu":
             return "pallas"
@@ -57,7 +59,20 @@ def resolve(name: str, platform: str, dtype) -> str:
         raise _unavailable(name, platform, "cuDNN attention exists only on NVIDIA GPUs")
     if name == "cudnn" and not half:
         raise _unavailable(name, platform, "cuDNN flash attention needs bfloat16 or float16")
+    if name == "cudnn" and not cudnn_present():
+        why = "its lowering reads the local GPU's cuDNN version, and this host has no GPU"
+        raise _unavailable(name, platform, why + " (an ahead-of-time compile gets xla)")
     return name
+
+
+@functools.lru_cache(maxsize=1)
+def cudnn_present() -> bool:
+    """Whether this process has a GPU, which tracing cuDNN attention needs (it queries the
+    cuDNN version and the compute capability); an ahead-of-time GPU compile has none."""
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
 
 
 def einsum_attention(
