@@ -27,7 +27,9 @@ import _cli  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("config", "demo", "Config name.")
-flags.DEFINE_list("what", ["flops", "step", "data"], "Measurements: flops, step, data, pipeline.")
+flags.DEFINE_list(
+    "what", ["flops", "step", "data"], "Measurements: flops, step, data, pipeline, collectives."
+)
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_integer("batches", 20, "Timed loader batches.")
 flags.DEFINE_bool("flops_scan", False, "Compile with scanned layers for the FLOP count.")
@@ -113,6 +115,32 @@ def measure_step(cfg) -> dict:
     }
 
 
+def measure_collectives(cfg) -> dict:
+    """The compiled step on the configured mesh of this host's devices: its collectives,
+    those whose result spans the global batch, and the temporaries (XLA's memory analysis).
+    On a CPU host run with XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+    import re
+
+    from jaxclip import aot
+
+    compiled = aot.compile_train_step(cfg)
+    names = r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+    lines = [line for line in compiled.as_text().splitlines() if re.search(names, line)]
+    batch = cfg.data.batch_size
+    spanning = [
+        line.split("=", 1)[1].split("(")[0].strip()
+        for line in lines
+        if re.search(rf"\[{batch}[,\]]", line.split("=", 1)[1].split(" all")[0])
+    ]
+    return {
+        "what": "collectives",
+        "collectives": len(lines),
+        "spanning_global_batch": spanning,
+        "temp_bytes": aot.MemoryUse.of(compiled).temporaries,
+        "mesh": dict(cfg.mesh.shape),
+    }
+
+
 def measure_data(cfg) -> dict:
     from jaxclip import mesh as mesh_lib
     from jaxclip import train as train_lib
@@ -155,6 +183,7 @@ def main(argv):
         "step": measure_step,
         "data": measure_data,
         "pipeline": measure_pipeline,
+        "collectives": measure_collectives,
     }
     for what in FLAGS.what:
         result = {"config": cfg.name, "batch_size": cfg.data.batch_size, **measures[what](cfg)}
