@@ -177,10 +177,17 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
     m.scan_layers = True  # one compiled block for all layers (fast compiles at depth)
     m.remat = False  # gradient checkpointing per block
+    # What a rematerialized block keeps for the backward pass (jax.checkpoint_policies):
+    # nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable, everything_saveable.
+    m.remat_policy = "nothing_saveable"
+    # Attention implementation: auto (per platform: cudnn on GPU in bf16/fp16, pallas splash
+    # on TPU, xla elsewhere), einsum (the reference), xla, cudnn, pallas.
+    m.attention = "auto"
     m.init_logit_scale = float(np.log(1 / 0.07))
     m.max_logit_scale = 100.0
     m.logit_bias = ml_collections.FieldReference(None, field_type=float)
-    m.image = ml_collections.ConfigDict(dict(variant="B/16", pool="cls"))
+    # patch_dropout (FLIP): the fraction of patch tokens dropped in training (0 = off).
+    m.image = ml_collections.ConfigDict(dict(variant="B/16", pool="cls", patch_dropout=0.0))
     # vocab_size 0 = the tokenizer's size; set it to keep the embedding table at a fixed size.
     m.text = ml_collections.ConfigDict(
         dict(width=512, depth=12, heads=8, context_length=77, vocab_size=0)
@@ -287,7 +294,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # logical axis -> mesh axis (None = replicated).
+    # logical axis -> mesh axis or axes (None = replicated). Parameters: fsdp splits the
+    # embedding dimension of every matrix (ZeRO-3: each layer's weights are gathered when it
+    # runs), tensor the heads and MLP (Megatron). Activations ("batch", "length", "act_*"):
+    # the batch over (data, fsdp), heads and MLP hidden units over tensor.
     c.mesh.rules = (
         ("embed", "fsdp"),
         ("mlp", "tensor"),
@@ -297,5 +307,11 @@ def base_config() -> ml_collections.ConfigDict:
         ("proj", None),
         ("layers", None),
         ("norm", None),
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("act_embed", None),
+        ("act_mlp", "tensor"),
+        ("act_heads", "tensor"),
+        ("act_kv", None),
     )
     return c

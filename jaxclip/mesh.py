@@ -7,8 +7,10 @@ module turns names into devices, so a model runs unchanged on 1 CPU, a GPU pod o
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -21,6 +23,8 @@ from jaxclip import distributed
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch is split over these axes; "tensor" replicates it.
 BATCH_AXES = ("data", "fsdp")
+# Logical names of an attention operand (batch, length, heads, head_dim).
+ATTN_AXES = ("batch", "length", "act_heads", "act_kv")
 
 
 def initialize_distributed(
@@ -90,29 +94,98 @@ def multi_slice_grid(shape: Sequence[int], devices: Sequence, num_slices: int) -
     return mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devices)
 
 
+Rule = str | Sequence[str] | None
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     shape: Sequence[int],
-    rules: Mapping[str, str | None],
+    rules: Mapping[str, Rule],
     mesh: Mesh,
 ) -> PartitionSpec:
-    """Maps logical names to mesh axes; a dimension the axis does not divide is replicated."""
+    """Maps logical names to mesh axes (one axis or a tuple of them, e.g. the batch over
+    (data, fsdp)); size-1 and already-used axes are dropped, and a dimension the remaining
+    axes do not divide is replicated."""
     spec, used = [], set()
     for name, dim in zip(logical_axes, shape, strict=True):
-        axis = rules.get(name) if name is not None else None
-        if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+        rule = rules.get(name) if name is not None else None
+        axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if not axes or dim % math.prod(mesh.shape[a] for a in axes):
             spec.append(None)
             continue
-        used.add(axis)
-        spec.append(axis)
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)
+
+
+# --- Activation sharding ---------------------------------------------------------------------
+# Whoever traces a model (the train step) opens `activation_sharding(mesh, rules)`; inside it
+# the towers' `constrain(x, logical names)` calls pin activations to the mesh through the
+# same rules as the parameters. Outside it they do nothing, so model code names no device.
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
+    "jaxclip_activation_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Mapping[str, Rule]) -> Iterator[None]:
+    """Within this block, `constrain` shards activations over `mesh` by `rules`."""
+    token = _ACTIVE.set((mesh, dict(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`x` constrained to the sharding its logical axis names map to; a no-op outside
+    `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(logical_axes, x.shape, rules, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def current_platform() -> str:
+    """The platform the model is being traced for: the active mesh's devices (an
+    ahead-of-time compile for a TPU targets TPU from a CPU host), else JAX's default."""
+    active = _ACTIVE.get()
+    if active is None:
+        return jax.default_backend()
+    return active[0].devices.flat[0].platform
+
+
+def map_over_shards(
+    fn: Callable,
+    args: Sequence[jax.Array],
+    in_names: Sequence[Sequence[str | None]],
+    out_names: Sequence[str | None],
+):
+    """`fn(*args)` run per shard (`shard_map`) with each array split by its logical names,
+    for code XLA cannot partition itself (a custom kernel); a plain call outside
+    `activation_sharding`. `fn` must be independent across the split dimensions."""
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules = active
+    in_specs = tuple(
+        logical_to_spec(names, a.shape, rules, mesh)
+        for a, names in zip(args, in_names, strict=True)
+    )
+    out_spec = in_specs[list(in_names).index(tuple(out_names))]
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)
+    return mapped(*args)
 
 
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_specs(state: nnx.State, rules: Mapping[str, str | None], mesh: Mesh):
+def state_specs(state: nnx.State, rules: Mapping[str, Rule], mesh: Mesh):
     """PartitionSpecs (a pytree like `state`) from each parameter's `logical_axes`."""
 
     def spec(var):

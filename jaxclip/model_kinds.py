@@ -9,7 +9,8 @@ A kind says
   stored embeddings),
 - what its text side is at evaluation time (its own text tower, or stored embeddings of
   the evaluators' texts),
-- its default objective (`loss.kind=""` means "the kind's").
+- its default objective (`loss.kind=""` means "the kind's"),
+- the analytic FLOPs of its text side (for MFU).
 
 The pipelines, the train step, `--aot`, `--dry_run` and the benchmark read the contract
 from here; nothing else asks which kind trains. A new kind (SigLIP-style, LiT, ...) is one
@@ -74,6 +75,14 @@ class ClipKind:
     def identity(self, cfg, tokenizer: Tokenizer | None) -> dict:
         return {"tokenizer": tokenizer.identity}
 
+    def text_and_head_flops(self, cfg, image_width: int) -> tuple[float, float]:
+        """Forward FLOPs per example of the text tower and of both projections."""
+        from jaxclip.flops import transformer_flops
+
+        t, embed = cfg.model.text, cfg.model.embed_dim
+        text = transformer_flops(cfg.data.context_length, t.width, t.depth, 4 * t.width)
+        return text, 2.0 * image_width * embed + 2.0 * t.width * embed
+
 
 class LiftKind:
     """Image tower + head trained against a frozen encoder's stored caption embeddings."""
@@ -113,6 +122,11 @@ class LiftKind:
         from jaxclip import frozen_encoder
 
         return {"text_encoder": frozen_encoder.expected_identity(cfg.text_encoder)}
+
+    def text_and_head_flops(self, cfg, image_width: int) -> tuple[float, float]:
+        """No text tower; the head is Linear(width -> E) -> GELU -> Linear(E -> E)."""
+        embed = cfg.model.embed_dim
+        return 0.0, 2.0 * image_width * embed + 2.0 * embed * embed
 
 
 KINDS = {kind.name: kind for kind in (ClipKind(), LiftKind())}

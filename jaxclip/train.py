@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import jaxclip
 from jaxclip import config as config_lib
-from jaxclip import distributed, run_setup
+from jaxclip import distributed, flops, run_setup
 from jaxclip import mesh as mesh_lib
 from jaxclip.checkpoint import Checkpointer, CheckpointError, abstract_like
 from jaxclip.data import bad_records, pipeline
@@ -101,6 +101,17 @@ def checkpoint_meta(setup: RunSetup, order: dict, data_totals: dict) -> dict:
     }
 
 
+# Model keys that change how the model computes, not its parameters: free to change on resume.
+_HOW_NOT_WHAT = (
+    "dtype",
+    "remat",
+    "remat_policy",
+    "scan_layers",
+    "attention",
+    "image.patch_dropout",
+)
+
+
 def check_compatible(cfg: ml_collections.ConfigDict, saved_cfg: dict, step_dir: Path) -> None:
     """Refuses to resume a checkpoint whose model differs from the configured one."""
     current = cfg.model.to_dict()
@@ -108,7 +119,7 @@ def check_compatible(cfg: ml_collections.ConfigDict, saved_cfg: dict, step_dir: 
     diffs = [
         k
         for k in sorted(set(config_lib.flat_keys(current)) | set(config_lib.flat_keys(saved)))
-        if _get(current, k) != _get(saved, k) and k not in ("dtype", "remat", "scan_layers")
+        if _get(current, k) != _get(saved, k) and k not in _HOW_NOT_WHAT
     ]
     if diffs:
         detail = ", ".join(
@@ -251,6 +262,11 @@ def train(
         dynamic_ncols=True,
     )
     tick, tick_step = time.perf_counter(), first_step
+    model_flops, peak = (
+        flops.model_flops(cfg).train,
+        flops.peak_flops(setup.mesh.devices.flat[0].device_kind),
+    )
+    num_devices = setup.mesh.devices.size
     in_flight, stopping, skipped = None, False, 0
     try:
         for step in range(first_step + 1, last_step + 1):
@@ -275,6 +291,8 @@ def train(
                     [index_sum, batches.seen, batches.bad]
                 )
                 metrics.update({"images_per_s": images_per_s, "data/index_sum": index_sum})
+            if peak:  # model FLOPs utilization, where the device's peak is known
+                metrics["mfu"] = flops.mfu(images_per_s, model_flops, num_devices, peak)
                 if cfg.train.skip_nonfinite:  # updates skipped so far in this run
                     metrics["skipped_steps"] = skipped + int(metrics["nonfinite"])
                 metrics.update(bad_records.metrics(seen, bad))

@@ -37,12 +37,15 @@ def make_train_step(setup: RunSetup):
     text_fields = [name for name in setup.batch_fields if name != "image"]
     loss_kind = model_kinds.loss_kind(cfg)
     max_log_scale = math.log(cfg.model.max_logit_scale)
+    rules = dict(cfg.mesh.rules)
 
-    def embed(params, batch):
-        """The model on (a micro-batch of) the batch: per-example embeddings and scalars."""
+    def embed(params, batch, rng):
+        """The model on (a micro-batch of) the batch: per-example embeddings and scalars.
+        Activations inside the towers are sharded by the mesh rules (ZeRO-3 under fsdp)."""
         model = nnx.merge(graphdef, params)
         images = normalize_images(batch["image"], dtype)
-        return model(images, **{name: batch[name] for name in text_fields})
+        with mesh_lib.activation_sharding(mesh, rules):
+            return model(images, **{name: batch[name] for name in text_fields}, rng=rng)
 
     def objective(out):
         return losses.objective(
@@ -60,8 +63,16 @@ def make_train_step(setup: RunSetup):
     def train_step(state, batch):
         # train.accum_steps > 1: the gradient cache, so the update is that of the whole
         # batch, every negative included, with one micro-batch's activations in memory.
+        # Randomness (patch dropout) follows from the seed and the step: a resume replays it.
+        # (With accumulation every micro-batch draws the same pattern, in both of its passes.)
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
         (_, metrics), grads = accumulated_value_and_grad(
-            embed, objective, state["params"], batch, steps=cfg.train.accum_steps, mesh=mesh
+            lambda params, micro: embed(params, micro, rng),
+            objective,
+            state["params"],
+            batch,
+            steps=cfg.train.accum_steps,
+            mesh=mesh,
         )
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = bounded_logit_scale(optax.apply_updates(state["params"], updates), max_log_scale)

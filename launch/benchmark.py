@@ -5,6 +5,8 @@
     python launch/benchmark.py --config demo --config.data.batch_size=64 --steps=20
     python launch/benchmark.py --what=pipeline --batches=20   # converted-data input pipeline
     python launch/benchmark.py --what=loss_memory --loss_batch=65536 --aot=v5p-16  # loss alone
+    python launch/benchmark.py --config vit_b16_clip --what=step --config.data.batch_size=256
+        # images/s and MFU (analytic model FLOPs, jaxclip/flops.py, over the device's peak)
 
 Compiled figures (FLOPs and bytes from XLA's cost and memory analysis) are deterministic and
 comparable across machines; times depend on the machine and its load: compare ratios
@@ -27,7 +29,9 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("config", "demo", "Config name.")
 flags.DEFINE_list(
-    "what", ["flops", "step", "data"], "Measurements: flops, step, data, pipeline, loss_memory."
+    "what",
+    ["flops", "step", "data"],
+    "Measurements: flops, step, data, pipeline, loss_memory, collectives.",
 )
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_integer("batches", 20, "Timed loader batches.")
@@ -40,6 +44,9 @@ flags.DEFINE_list("loss_impl", ["gather", "ring"], "loss_memory: loss impls.")
 flags.DEFINE_list("loss_chunk", ["0", "1024"], "loss_memory: chunk sizes (0 = unchunked).")
 flags.DEFINE_string(
     "aot", "", "loss_memory: compile for this target (v5p-128, 8xH100, ...), not local devices."
+)
+flags.DEFINE_float(
+    "peak_tflops", 0.0, "Per-device bf16 peak for MFU (0 = from the device kind's table)."
 )
 FLAGS = flags.FLAGS
 
@@ -67,8 +74,8 @@ def measure_step(cfg) -> dict:
     import jax
     import numpy as np
 
+    from jaxclip import flops, run_setup
     from jaxclip import mesh as mesh_lib
-    from jaxclip import run_setup
     from jaxclip.train_step import make_train_step
 
     setup = run_setup.build(cfg)
@@ -86,13 +93,49 @@ def measure_step(cfg) -> dict:
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     dt = (time.perf_counter() - t0) / FLAGS.steps
+    devices = int(setup.mesh.devices.size)
+    per_example = flops.model_flops(cfg).train
+    kind = jax.devices()[0].device_kind
+    peak = FLAGS.peak_tflops * 1e12 or flops.peak_flops(kind)
+    examples_per_s = cfg.data.batch_size / dt
     return {
         "what": "step",
         "seconds_per_step": dt,
-        "examples_per_s": cfg.data.batch_size / dt,
+        "examples_per_s": examples_per_s,
         "first_two_steps_s": compile_s,
-        "devices": int(setup.mesh.devices.size),
+        "devices": devices,
         "platform": jax.devices()[0].platform,
+        "device_kind": kind,
+        "attention": cfg.model.attention,
+        "model_flops_per_example": per_example,  # analytic, 3 x forward (jaxclip/flops.py)
+        "peak_flops_per_device": peak,
+        "mfu": flops.mfu(examples_per_s, per_example, devices, peak) if peak else None,
+    }
+
+
+def measure_collectives(cfg) -> dict:
+    """The compiled step on the configured mesh of this host's devices: its collectives,
+    those whose result spans the global batch, and the temporaries (XLA's memory analysis).
+    On a CPU host run with XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+    import re
+
+    from jaxclip import aot
+
+    compiled = aot.compile_train_step(cfg)
+    names = r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+    lines = [line for line in compiled.as_text().splitlines() if re.search(names, line)]
+    batch = cfg.data.batch_size
+    spanning = [
+        line.split("=", 1)[1].split("(")[0].strip()
+        for line in lines
+        if re.search(rf"\[{batch}[,\]]", line.split("=", 1)[1].split(" all")[0])
+    ]
+    return {
+        "what": "collectives",
+        "collectives": len(lines),
+        "spanning_global_batch": spanning,
+        "temp_bytes": aot.MemoryUse.of(compiled).temporaries,
+        "mesh": dict(cfg.mesh.shape),
     }
 
 
@@ -169,6 +212,7 @@ def main(argv):
         "data": measure_data,
         "pipeline": measure_pipeline,
         "loss_memory": measure_loss_memory,
+        "collectives": measure_collectives,
     }
     for what in FLAGS.what:
         result = {"config": cfg.name, "batch_size": cfg.data.batch_size, **measures[what](cfg)}

@@ -2,7 +2,15 @@
 
 Every parameter is an ``nnx.Param`` carrying a ``logical_axes`` tuple (one name or None per
 dimension). The sharding code maps those names onto a device mesh later; the models themselves
-never mention devices. There is no dropout and no RNG state, so a model's whole state is params.
+never mention devices. Activations are named too (`constrain(x, ("batch", "length",
+"act_embed"))`), which pins them to the mesh only while the train step traces the model.
+There is no RNG state (patch dropout takes its key as an argument), so a model's whole state
+is params.
+
+Precision policy: parameters are float32 and cast to the compute dtype where a matmul uses
+them; the residual stream stays float32 across all layers; LayerNorm statistics and gains
+and the attention softmax are float32; only matmul inputs (and the MLP activation between
+them) are in the compute dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxclip.mesh import constrain
+from jaxclip.models.attention import IMPLEMENTATIONS, attention_fn
 
 Array = jax.Array
 DType = Any
@@ -53,14 +64,17 @@ def const_param(
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_norm(x: Array, scale: Array, bias: Array, eps: float = LAYER_NORM_EPS) -> Array:
-    """LayerNorm over the last axis; statistics in float32 for bf16 stability, result in x.dtype."""
+def layer_norm(
+    x: Array, scale: Array, bias: Array, eps: float = LAYER_NORM_EPS, dtype: DType | None = None
+) -> Array:
+    """LayerNorm over the last axis with statistics and gains in float32; the result in
+    `dtype` (default x.dtype), the matmul input dtype where a matmul follows."""
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
     y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(x.dtype if dtype is None else dtype)
 
 
 def quick_gelu(x: Array) -> Array:
@@ -88,41 +102,68 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
     return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True) + eps * eps)
 
 
-def attention(
-    x: Array, p: dict[str, Array], *, causal: bool, dtype: DType
-) -> Array:  # (B, L, D) -> (B, L, D)
-    """Multi-head self-attention with biases; logits and softmax in float32.
+TOKENS = ("batch", "length", "act_embed")  # logical names of a (B, L, width) activation
+HEADS = ("batch", "length", "act_heads", "act_kv")  # (B, L, heads, head_dim)
 
-    An explicit einsum is used (rather than a fused kernel) so CPU and GPU run the same math
-    and the causal mask is trivial to express.
-    """
-    q = jnp.einsum("bld,dhk->blhk", x, p["q_kernel"]) + p["q_bias"]
-    k = jnp.einsum("bld,dhk->blhk", x, p["k_kernel"]) + p["k_bias"]
-    v = jnp.einsum("bld,dhk->blhk", x, p["v_kernel"]) + p["v_bias"]
-    head_dim = q.shape[-1]
-    q = q * jnp.asarray(head_dim**-0.5, dtype)
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-    if causal:
-        length = x.shape[1]
-        allowed = jnp.tril(jnp.ones((length, length), dtype=bool))
-        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+
+def attention(
+    x: Array,
+    p: dict[str, Array],
+    *,
+    causal: bool,
+    implementation: str,
+    dtype: DType,
+    kv_lengths: Array | None = None,
+) -> Array:  # (B, L, D) -> (B, L, D)
+    """Multi-head self-attention with biases; `x` and the kernels in the compute dtype."""
+    # One matmul for q, k and v (stacked on a new axis, so a heads-sharded layout stays).
+    kernel = jnp.stack([p["q_kernel"], p["k_kernel"], p["v_kernel"]], axis=1)  # (D, 3, H, K)
+    bias = jnp.stack([p["q_bias"], p["k_bias"], p["v_bias"]])  # (3, H, K)
+    qkv = jnp.einsum("bld,dthk->tblhk", x, kernel) + bias[:, None, None]
+    q, k, v = (constrain(t, HEADS) for t in qkv)
+    attend = attention_fn(implementation, dtype)
+    out = constrain(attend(q, k, v, causal=causal, kv_lengths=kv_lengths), HEADS)
     return jnp.einsum("blhk,hkd->bld", out, p["out_kernel"]) + p["out_bias"]
 
 
 def transformer_block(
-    x: Array, p: dict[str, Array], *, causal: bool, act: str, dtype: DType
+    x: Array,
+    p: dict[str, Array],
+    *,
+    causal: bool,
+    act: str,
+    dtype: DType,
+    attention_impl: str = "einsum",
 ) -> Array:
     """One pre-norm residual block: x + attn(ln1(x)), then x + mlp(ln2(x)).
 
-    `p` holds ONE layer's parameters (the stacked leading dim already removed).
+    `x` is the float32 residual stream; `p` holds ONE layer's float32 parameters (the stacked
+    leading dim already removed). Each branch computes in `dtype` and is added back in float32.
     """
-    p = {name: value.astype(dtype) for name, value in p.items()}  # cast at use, per layer
-    x = x + attention(layer_norm(x, p["ln1_scale"], p["ln1_bias"]), p, causal=causal, dtype=dtype)
-    h = layer_norm(x, p["ln2_scale"], p["ln2_bias"])
-    h = get_activation(act)(h @ p["fc1_kernel"] + p["fc1_bias"])
-    return x + (h @ p["fc2_kernel"] + p["fc2_bias"])
+    w = {k: v.astype(dtype) for k, v in p.items() if not k.startswith("ln")}
+    h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], dtype=dtype)
+    h = attention(h, w, causal=causal, implementation=attention_impl, dtype=dtype)
+    x = constrain(x + h.astype(jnp.float32), TOKENS)
+    h = layer_norm(x, p["ln2_scale"], p["ln2_bias"], dtype=dtype)
+    h = constrain(h @ w["fc1_kernel"] + w["fc1_bias"], ("batch", "length", "act_mlp"))
+    h = get_activation(act)(h) @ w["fc2_kernel"] + w["fc2_bias"]
+    return constrain(x + h.astype(jnp.float32), TOKENS)
+
+
+# Remat policies by name (`model.remat_policy`): what the backward pass may keep instead of
+# recomputing. nothing_saveable recomputes the whole block (least memory).
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
+
+
+def checkpoint_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {name!r}.")
+    return getattr(jax.checkpoint_policies, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +178,8 @@ class LayerNorm(nnx.Module):
         self.scale = const_param((dim,), 1.0, ("norm",), param_dtype)
         self.bias = const_param((dim,), 0.0, ("norm",), param_dtype)
 
-    def __call__(self, x: Array) -> Array:
-        return layer_norm(x, self.scale[...], self.bias[...])
+    def __call__(self, x: Array, dtype: DType | None = None) -> Array:
+        return layer_norm(x, self.scale[...], self.bias[...], dtype=dtype)
 
 
 class TransformerStack(nnx.Module):
@@ -146,7 +187,9 @@ class TransformerStack(nnx.Module):
 
     Stacking lets `jax.lax.scan` compile one block instead of `depth` copies (scan=True); the
     Python-loop path (scan=False) gives identical results and is handy for debugging.
-    `remat=True` recomputes each block's activations in the backward pass to save memory.
+    `remat=True` recomputes each block's activations in the backward pass to save memory,
+    keeping what `remat_policy` allows. `attention` names the implementation
+    (`jaxclip.models.attention`). Input and output are the float32 residual stream.
     """
 
     def __init__(
@@ -160,6 +203,8 @@ class TransformerStack(nnx.Module):
         act: str = "quick_gelu",
         scan: bool = True,
         remat: bool = False,
+        remat_policy: str = "nothing_saveable",
+        attention: str = "einsum",
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -167,9 +212,12 @@ class TransformerStack(nnx.Module):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         get_activation(act)  # validate early
+        self.policy = checkpoint_policy(remat_policy)
+        if attention not in IMPLEMENTATIONS:  # validated here, resolved when traced
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
         self.width, self.depth, self.heads, self.mlp_dim = width, depth, heads, mlp_dim
         self.causal, self.act, self.scan, self.remat = causal, act, scan, remat
-        self.dtype = dtype
+        self.attention, self.dtype = attention, dtype
         head_dim = width // heads
 
         # CLIP's init: attention std width^-0.5, residual-branch outputs shrunk by (2*depth)^-0.5.
@@ -226,17 +274,22 @@ class TransformerStack(nnx.Module):
         return {name: getattr(self, name)[...] for name in self.PARAM_NAMES}
 
     def __call__(self, x: Array) -> Array:
-        """(B, L, width) -> (B, L, width), computed in self.dtype."""
-        x = x.astype(self.dtype)
+        """(B, L, width) float32 residual stream -> (B, L, width) float32."""
+        x = constrain(x.astype(jnp.float32), TOKENS)
         params = self.stacked_params()
 
         def block(h: Array, layer_params: dict[str, Array]) -> Array:
             return transformer_block(
-                h, layer_params, causal=self.causal, act=self.act, dtype=self.dtype
+                h,
+                layer_params,
+                causal=self.causal,
+                act=self.act,
+                dtype=self.dtype,
+                attention_impl=self.attention,
             )
 
         if self.remat:
-            block = jax.checkpoint(block)
+            block = jax.checkpoint(block, policy=self.policy)
 
         if self.scan:
             x, _ = jax.lax.scan(lambda h, lp: (block(h, lp), None), x, params)

@@ -57,8 +57,8 @@ class LiftModel(nnx.Module):
         self.logit_bias = None if logit_bias is None else const_param((), logit_bias, ())
         self.out_dim = embed_dim
 
-    def encode_image(self, images: jax.Array) -> jax.Array:
-        features, _ = self.image(images)
+    def encode_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        features, _ = self.image(images, rng=rng)
         return l2_normalize(self.head(features).astype(jnp.float32))
 
     def scale(self) -> jax.Array:
@@ -67,10 +67,13 @@ class LiftModel(nnx.Module):
     def bias(self) -> jax.Array | None:
         return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)
 
-    def __call__(self, images: jax.Array, text_emb: jax.Array) -> dict:
-        """Images and the captions' stored embeddings -> dict(image, text, scale, bias)."""
+    def __call__(
+        self, images: jax.Array, text_emb: jax.Array, *, rng: jax.Array | None = None
+    ) -> dict:
+        """Images and the captions' stored embeddings -> dict(image, text, scale, bias).
+        `rng` (training only) draws the image tower's patch dropout."""
         return {
-            "image": self.encode_image(images),
+            "image": self.encode_image(images, rng=rng),
             "text": l2_normalize(text_emb.astype(jnp.float32)),
             "scale": self.scale(),
             "bias": self.bias(),

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclip.models.layers import DType, LayerNorm, TransformerStack, normal_param
+from jaxclip.mesh import constrain
+from jaxclip.models.layers import TOKENS, DType, LayerNorm, TransformerStack, normal_param
 
 Array = jax.Array
 
@@ -34,6 +35,8 @@ class TextTransformer(nnx.Module):
         act: str = "quick_gelu",
         scan: bool = True,
         remat: bool = False,
+        remat_policy: str = "nothing_saveable",
+        attention: str = "einsum",
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -58,6 +61,8 @@ class TextTransformer(nnx.Module):
             act=act,
             scan=scan,
             remat=remat,
+            remat_policy=remat_policy,
+            attention=attention,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -80,15 +85,16 @@ class TextTransformer(nnx.Module):
         if length > self.context_length:
             raise ValueError(f"sequence length {length} > context_length {self.context_length}")
         dt = self.dtype
-        # Gather from the embedding table (no one-hot) in param dtype, then cast.
-        x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
-        x = x + self.pos_embed[...][:length].astype(dt)
+        # Gather from the embedding table (no one-hot); the residual stream is float32.
+        x = jnp.take(self.token_embed[...], tokens, axis=0)
+        x = constrain(x + self.pos_embed[...][:length], TOKENS)
         x = self.blocks(x)
-        x = self.ln_final(x)
+        x = constrain(self.ln_final(x, dtype=dt), TOKENS)
 
         # Causal attention means padding after the EOT token cannot affect this position.
         eot = jnp.clip(jnp.sum(mask.astype(jnp.int32), axis=-1) - 1, 0, length - 1)
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+        pooled = constrain(pooled, ("batch", "act_embed"))
         features = pooled @ self.proj[...].astype(dt) if self.proj is not None else pooled
         intermediates: dict[str, Any] = {"tokens": x, "pooled": pooled, "eot_index": eot}
         return features.astype(jnp.float32), intermediates

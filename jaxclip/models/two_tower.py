@@ -35,9 +35,9 @@ class TwoTower(nnx.Module):
         self.logit_scale = const_param((), init_logit_scale, ())
         self.logit_bias = None if logit_bias is None else const_param((), logit_bias, ())
 
-    def encode_image(self, images: Array) -> Array:
-        """(B, H, W, 3) -> unit-norm float32 (B, D)."""
-        features, _ = self.image(images)
+    def encode_image(self, images: Array, *, rng: Array | None = None) -> Array:
+        """(B, H, W, 3) -> unit-norm float32 (B, D); `rng` turns on patch dropout."""
+        features, _ = self.image(images, rng=rng)
         return l2_normalize(features)
 
     def encode_text(self, tokens: Array, mask: Array) -> Array:
@@ -53,10 +53,13 @@ class TwoTower(nnx.Module):
     def bias(self) -> Array | None:
         return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)
 
-    def __call__(self, images: Array, tokens: Array, mask: Array) -> dict[str, Any]:
-        """Both towers -> dict(image, text, scale, bias)."""
+    def __call__(
+        self, images: Array, tokens: Array, mask: Array, *, rng: Array | None = None
+    ) -> dict[str, Any]:
+        """Both towers -> dict(image, text, scale, bias). `rng` (training only) draws the
+        image tower's patch dropout."""
         return dict(
-            image=self.encode_image(images),
+            image=self.encode_image(images, rng=rng),
             text=self.encode_text(tokens, mask),
             scale=self.scale(),
             bias=self.bias(),
@@ -93,6 +96,9 @@ def build_clip(
     act: str = "quick_gelu",
     scan: bool = True,
     remat: bool = False,
+    remat_policy: str = "nothing_saveable",
+    attention: str = "einsum",
+    patch_dropout: float = 0.0,
     dtype: DType = jnp.float32,
     param_dtype: DType = jnp.float32,
     init_logit_scale: float = math.log(1 / 0.07),
@@ -108,11 +114,13 @@ def build_clip(
     """
     rngs = nnx.Rngs(0) if rngs is None else rngs
     common = dict(act=act, scan=scan, remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    common.update(remat_policy=remat_policy, attention=attention)
     image = VisionTransformer(
         image_variant,
         image_size=image_size,
         pool=pool,
         proj_dim=embed_dim,
+        patch_dropout=patch_dropout,
         **common,
         **image_overrides,
     )

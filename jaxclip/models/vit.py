@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclip.models.layers import DType, LayerNorm, TransformerStack, normal_param
+from jaxclip.mesh import constrain
+from jaxclip.models.layers import TOKENS, DType, LayerNorm, TransformerStack, normal_param
 
 Array = jax.Array
 
@@ -42,6 +43,9 @@ class VisionTransformer(nnx.Module):
     pool="mean" has no class token and averages the patch tokens.
     proj_dim=None drops the output projection, so features are the ln_post output (width-dim).
     Explicit width/depth/heads/mlp_dim override the variant's values.
+    patch_dropout (FLIP) drops that fraction of the patch tokens, a fresh random subset per
+    example, whenever the call is given an `rng` (training); without one (evaluation) every
+    patch is kept.
     """
 
     def __init__(
@@ -55,6 +59,9 @@ class VisionTransformer(nnx.Module):
         act: str = "quick_gelu",
         scan: bool = True,
         remat: bool = False,
+        remat_policy: str = "nothing_saveable",
+        attention: str = "einsum",
+        patch_dropout: float = 0.0,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -71,10 +78,14 @@ class VisionTransformer(nnx.Module):
         patch = cfg["patch"]
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not divisible by patch {patch}")
+        if not 0.0 <= patch_dropout < 1.0:
+            raise ValueError(
+                f"patch_dropout is the fraction of patches dropped, in [0, 1); got {patch_dropout}"
+            )
 
         self.variant, self.image_size, self.patch = variant, image_size, patch
         self.width, self.pool, self.proj_dim = cfg["width"], pool, proj_dim
-        self.dtype = dtype
+        self.dtype, self.patch_dropout = dtype, float(patch_dropout)
         self.num_patches = (image_size // patch) ** 2
         self.out_dim = proj_dim if proj_dim is not None else cfg["width"]
         w = cfg["width"]
@@ -101,6 +112,8 @@ class VisionTransformer(nnx.Module):
             act=act,
             scan=scan,
             remat=remat,
+            remat_policy=remat_policy,
+            attention=attention,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -123,19 +136,39 @@ class VisionTransformer(nnx.Module):
         x = x.transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, (h // p) * (w // p), p * p * c)
 
-    def __call__(self, images: Array) -> tuple[Array, dict[str, Array]]:
+    @property
+    def patches_kept(self) -> int:
+        """Patch tokens per example that a training call (with an rng) keeps."""
+        return max(1, int(self.num_patches * (1.0 - self.patch_dropout)))
+
+    def drop_patches(self, x: Array, rng: Array) -> Array:
+        """(B, N, width) patch tokens -> (B, kept, width), a uniform random subset per
+        example (in the original order)."""
+        scores = jax.random.uniform(rng, x.shape[:2])
+        keep = jnp.sort(jnp.argsort(scores, axis=1)[:, : self.patches_kept], axis=1)
+        return jnp.take_along_axis(x, keep[..., None], axis=1)
+
+    def __call__(
+        self, images: Array, *, rng: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
         """images (B, H, W, 3) float -> (features (B, out_dim) float32, intermediates).
 
-        intermediates: "tokens" = patch tokens after the last block (B, N, width);
+        `rng`: a key for patch dropout (training); None keeps every patch.
+        intermediates: "tokens" = patch tokens after the last block (B, N, width), float32;
         "pooled" = pooled feature after ln_post, before the projection (B, width).
         """
         dt = self.dtype
         kernel = self.patch_kernel[...].astype(dt).reshape(-1, self.width)
         x = self.patchify(images.astype(dt)) @ kernel
+        # The residual stream is float32 from here to ln_post.
+        x = constrain(x.astype(jnp.float32), TOKENS)
+        pos = self.pos_embed[...]
+        x = x + (pos[1:] if self.pool == "cls" else pos)
+        if rng is not None and self.patch_dropout > 0:
+            x = constrain(self.drop_patches(x, rng), TOKENS)
         if self.pool == "cls":
-            cls = jnp.broadcast_to(self.class_token[...].astype(dt), (x.shape[0], 1, self.width))
-            x = jnp.concatenate([cls, x], axis=1)
-        x = x + self.pos_embed[...].astype(dt)
+            cls = self.class_token[...] + pos[0]
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
         x = self.blocks(x)
@@ -143,9 +176,8 @@ class VisionTransformer(nnx.Module):
         if self.pool == "cls":
             tokens, pooled = x[:, 1:], x[:, 0]
         else:
-            tokens = x
-            pooled = x.astype(jnp.float32).mean(axis=1).astype(dt)  # average in float32
-        pooled = self.ln_post(pooled)
+            tokens, pooled = x, x.mean(axis=1)
+        pooled = constrain(self.ln_post(pooled, dtype=dt), ("batch", "act_embed"))
         features = pooled @ self.proj[...].astype(dt) if self.proj is not None else pooled
         intermediates: dict[str, Any] = {"tokens": tokens, "pooled": pooled}
         return features.astype(jnp.float32), intermediates
