@@ -291,8 +291,8 @@ def train(
                     [index_sum, batches.seen, batches.bad]
                 )
                 metrics.update({"images_per_s": images_per_s, "data/index_sum": index_sum})
-            if peak:  # model FLOPs utilization, where the device's peak is known
-                metrics["mfu"] = flops.mfu(images_per_s, model_flops, num_devices, peak)
+                if peak:  # model FLOPs utilization, where the device's peak is known
+                    metrics["mfu"] = flops.mfu(images_per_s, model_flops, num_devices, peak)
                 if cfg.train.skip_nonfinite:  # updates skipped so far in this run
                     metrics["skipped_steps"] = skipped + int(metrics["nonfinite"])
                 metrics.update(bad_records.metrics(seen, bad))
