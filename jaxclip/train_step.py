@@ -19,6 +19,7 @@ from jaxclip import mesh as mesh_lib
 from jaxclip.data.transforms import normalize_images
 from jaxclip.grad_cache import accumulated_value_and_grad
 from jaxclip.models.build import compute_dtype
+from jaxclip.optim import frozen_labels
 from jaxclip.run_setup import RunSetup
 
 
@@ -39,9 +40,18 @@ def make_train_step(setup: RunSetup):
     max_log_scale = math.log(cfg.model.max_logit_scale)
     rules = dict(cfg.mesh.rules)
 
+    patterns = tuple(cfg.optim.frozen)
+    frozen = frozen_labels(setup.abstract_state["params"], patterns) if patterns else None
+
     def embed(params, batch, rng):
         """The model on (a micro-batch of) the batch: per-example embeddings and scalars.
         Activations inside the towers are sharded by the mesh rules (ZeRO-3 under fsdp)."""
+        if frozen is not None:  # locked towers: no gradient, so no backward pass through them
+            params = jax.tree.map(
+                lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
+                params,
+                frozen,
+            )
         model = nnx.merge(graphdef, params)
         images = normalize_images(batch["image"], dtype)
         with mesh_lib.activation_sharding(mesh, rules):

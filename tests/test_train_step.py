@@ -92,3 +92,30 @@ def test_a_parameter_the_mesh_cannot_shard_is_named():
     )
     assert all("not divisible by mesh axis 'tensor' (4)" in m for m in found)
     assert not replicated_dims(state, dict(cfg.mesh.rules), run_setup.build(tiny_config()).mesh)
+
+
+def test_a_locked_tower_stays_bit_identical_and_its_backward_is_never_computed():
+    overrides = {"optim.frozen": "('image/.*',)", "model.scan_layers": False}
+    cfg = tiny_config(**overrides)
+    setup = run_setup.build(cfg, jax.devices()[:1])
+    step = make_train_step(setup)
+    state = run_setup.init_state(setup)
+    before = jax.tree.map(np.asarray, state["params"])
+    for seed in range(3):
+        local = run_setup.synthetic_batch(setup, np.random.default_rng(seed))
+        state, _ = step(state, mesh_lib.global_batch(setup.mesh, local))
+    after = jax.tree.map(np.asarray, state["params"])
+    for a, b in zip(jax.tree.leaves(before["image"]), jax.tree.leaves(after["image"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    moved = [np.abs(a - b).max() for a, b in zip(
+        jax.tree.leaves(before["text"]), jax.tree.leaves(after["text"]), strict=True)]  # fmt: skip
+    assert max(moved) > 0
+
+    # The image tower's backward pass is gone from the compiled step, not computed and dropped.
+    def step_flops(config):
+        s = run_setup.build(config, jax.devices()[:1])
+        compiled = make_train_step(s).lower(*s.abstract_inputs()).compile()
+        return compiled.cost_analysis()["flops"]
+
+    locked, free = step_flops(cfg), step_flops(tiny_config(**{"model.scan_layers": False}))
+    assert locked < 0.8 * free, (locked, free)
