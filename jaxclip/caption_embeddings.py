@@ -79,9 +79,7 @@ def open_eval_texts(cfg: ml_collections.ConfigDict) -> store_lib.EvalTexts:
     """The evaluation texts, refused when the configured evaluators need others."""
     expected = frozen_encoder.expected_identity(cfg.text_encoder)
     texts = store_lib.EvalTexts(store_dir(cfg), expected, build_command(cfg))
-    missing = texts.missing(eval_texts(cfg))
-    if missing:
-        texts(missing)  # raises the StoreError naming them and the command
+    texts.require(eval_texts(cfg))
     return texts
 
 

@@ -387,8 +387,8 @@ class EvalTexts:
     def missing(self, texts: Sequence[str]) -> list[str]:
         return [t for t in dict.fromkeys(texts) if t not in self._index]
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 (n, dim) of texts embedded when the store was built."""
+    def require(self, texts: Sequence[str]) -> None:
+        """Raises StoreError naming the texts the store lacks and the command that adds them."""
         absent = self.missing(texts)
         if absent:
             raise StoreError(
@@ -397,6 +397,10 @@ class EvalTexts:
                 f"Rebuild it with the tasks you evaluate (only the evaluation texts are "
                 f'embedded again):\n    {self.command} --config.eval.tasks="(...)"'
             )
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 (n, dim) of texts embedded when the store was built."""
+        self.require(texts)
         if self._rows is None:
             self._rows = np.load(self.path / EVAL_TEXTS)
         return self._rows[[self._index[t] for t in texts]].astype(np.float32)
