@@ -7,6 +7,10 @@
     python launch/benchmark.py --what=loss_memory --loss_batch=65536 --aot=v5p-16  # loss alone
     python launch/benchmark.py --config vit_b16_clip --what=step --config.data.batch_size=256
         # images/s and MFU (analytic model FLOPs, jaxclip/flops.py, over the device's peak)
+    python launch/benchmark.py --what=weights --weights_models=ViT-B-16,ViT-L-14
+        # import/export wall times of random-weight CLIPs (jaxclip/weights/timing.py)
+    python launch/benchmark.py --what=embed --embed_encoder=qwen3_embedding_0.6b
+        # decoder-LLM embedder captions/s beside its FLOPs (jaxclip/embed_throughput.py)
 
 Compiled figures (FLOPs and bytes from XLA's cost and memory analysis) are deterministic and
 comparable across machines; times depend on the machine and its load: compare ratios
@@ -31,7 +35,7 @@ flags.DEFINE_string("config", "demo", "Config name.")
 flags.DEFINE_list(
     "what",
     ["flops", "step", "data"],
-    "Measurements: flops, step, data, pipeline, loss_memory, collectives.",
+    "Measurements: flops, step, data, pipeline, loss_memory, collectives, weights, embed.",
 )
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_integer("batches", 20, "Timed loader batches.")
@@ -48,6 +52,17 @@ flags.DEFINE_string(
 flags.DEFINE_float(
     "peak_tflops", 0.0, "Per-device bf16 peak for MFU (0 = from the device kind's table)."
 )
+# --what=weights: conversion wall times (jaxclip/weights/timing.py).
+flags.DEFINE_list("weights_models", ["ViT-B-16"], "weights: open_clip names or config JSONs.")
+flags.DEFINE_string("weights_dir", "/tmp/jaxclip_bench_weights", "weights: scratch directory.")
+# --what=embed: a decoder-LLM embedder with random weights (jaxclip/embed_throughput.py).
+flags.DEFINE_string(
+    "embed_encoder", "qwen3_embedding_0.6b", "embed: llm_configs/ name, config.json or model dir."
+)
+flags.DEFINE_list("embed_lengths", ["16", "32", "77"], "embed: tokens per caption.")
+flags.DEFINE_integer("embed_batch", 16, "embed: captions per batch.")
+flags.DEFINE_integer("embed_batches", 3, "embed: timed batches per length.")
+flags.DEFINE_enum("embed_dtype", "float32", ["float32", "bfloat16"], "embed: parameter dtype.")
 FLAGS = flags.FLAGS
 
 
@@ -203,6 +218,35 @@ def measure_loss_memory(cfg) -> dict:
     }
 
 
+def measure_weights(cfg) -> dict:
+    """Import and export wall times of each --weights_models, one after the other."""
+    del cfg  # the conversion alone
+    import dataclasses
+
+    from absl import logging
+
+    from jaxclip.weights import timing
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+    rows = [timing.conversion_times(m, FLAGS.weights_dir) for m in FLAGS.weights_models]
+    return {"what": "weights", "rows": [dataclasses.asdict(r) for r in rows]}
+
+
+def measure_embed(cfg) -> dict:
+    """Captions/s and FLOPs per caption of --embed_encoder at each --embed_lengths."""
+    del cfg  # the frozen encoder alone
+    import dataclasses
+
+    from jaxclip import embed_throughput
+
+    lengths = [int(x) for x in FLAGS.embed_lengths]
+    result = embed_throughput.measure(
+        FLAGS.embed_encoder, lengths, FLAGS.embed_batch, FLAGS.embed_batches, FLAGS.embed_dtype
+    )
+    fields = dataclasses.asdict(result)
+    return {"what": "embed", "batch_size": fields.pop("batch"), **fields}
+
+
 def main(argv):
     del argv
     cfg = _cli.load(FLAGS.config, OVERRIDES)
@@ -213,7 +257,12 @@ def main(argv):
         "pipeline": measure_pipeline,
         "loss_memory": measure_loss_memory,
         "collectives": measure_collectives,
+        "weights": measure_weights,
+        "embed": measure_embed,
     }
+    unknown = [w for w in FLAGS.what if w not in measures]
+    if unknown:
+        sys.exit(f"error: unknown --what {', '.join(unknown)}; choose from {', '.join(measures)}")
     for what in FLAGS.what:
         result = {"config": cfg.name, "batch_size": cfg.data.batch_size, **measures[what](cfg)}
         print(json.dumps(result), flush=True)
