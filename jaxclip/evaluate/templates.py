@@ -124,6 +124,7 @@ ENSEMBLES = {
     "cifar": CIFAR_TEMPLATES,
     "simple": SIMPLE_TEMPLATES,
     "shapes": PROMPT_TEMPLATES,  # the shapes world's own caption phrasings
+    "shapes_one": PROMPT_TEMPLATES[1:2],  # one of them ("a photo of a {}"): no ensembling
 }
 
 # The ensemble CLIP used for each TFDS dataset; anything else gets the ImageNet one.
