@@ -37,7 +37,7 @@ VARIANTS = {
 
 
 def run(ctx: common.Context) -> common.Results:
-    steps = {} if ctx.quick else {"train.steps": 400, "train.checkpoint_every": 400}
+    steps = common.steps(ctx.quick, 400)
     names = ("detailed", "short") if ctx.quick else tuple(VARIANTS)
     baseline = []
     for name in names:

@@ -32,9 +32,10 @@ DATA = {"data.shapes.max_objects": 3, "data.shapes.caption_style": "detailed"}
 
 
 def run(ctx: common.Context) -> common.Results:
-    lift = {**DATA, **common.lift_overrides(ctx.runs_dir / "embeddings")}
+    data = {**DATA, **common.steps(ctx.quick, 400)}
+    lift = {**data, **common.lift_overrides(ctx.runs_dir / "embeddings")}
     groups: dict[str, list[str]] = {"clip": [], "lift": []}
-    for kind, overrides in (("clip", DATA), ("lift", lift)):
+    for kind, overrides in (("clip", data), ("lift", lift)):
         for name, offset in ctx.seeds(kind, 2):
             ctx.train(name, overrides, offset)
             groups[kind].append(name)

@@ -25,11 +25,12 @@ CLAIM = (
 AUC, R1 = "grounding/same_image_auc", "grounding/map_r1"
 TASKS = ("grounding",)
 DATA = {"data.shapes.max_objects": 3, "data.shapes.caption_style": "mixed"}
+STEPS = 800
 
 
 def run(ctx: common.Context) -> common.Results:
     for name, offset in ctx.seeds("clip", 2):
-        ctx.train(name, DATA, offset)
+        ctx.train(name, {**DATA, **common.steps(ctx.quick, STEPS)}, offset)
     minilm = None
     rows, groups = {}, {"clip": [], "minilm": []}
     for name, run in list(ctx.runs.items()):

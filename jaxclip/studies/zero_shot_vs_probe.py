@@ -23,7 +23,12 @@ CLAIM = (
     "few labelled examples per class (this figure is not in PAPERS.md)."
 )
 LABELS = ("combo", "shape")
-DATA = {"data.shapes.max_objects": 1, "data.shapes.caption_style": "short"}
+DATA = {
+    "data.shapes.max_objects": 1,
+    "data.shapes.caption_style": "short",
+    "data.context_length": 16,
+    "model.text.context_length": 16,
+}
 
 
 def tasks() -> tuple[str, ...]:
@@ -51,7 +56,7 @@ def paired(effects: list[float]) -> tuple[float, float]:
 def run(ctx: common.Context) -> common.Results:
     names = []
     for name, offset in ctx.seeds("clip", 2):
-        ctx.train(name, DATA, offset)
+        ctx.train(name, {**DATA, **common.steps(ctx.quick, 800)}, offset)
         names.append(name)
     rows = {name: dict(ctx.evaluate(run)) for name, run in ctx.runs.items()}
     columns = [
