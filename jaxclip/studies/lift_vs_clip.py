@@ -10,6 +10,7 @@ per category (the SugarCrepe-like hard negatives of `compositional`), zero-shot 
 
 from __future__ import annotations
 
+from jaxclip import flops as flops_lib
 from jaxclip.studies import common
 
 NAME = "lift_vs_clip"
@@ -79,7 +80,16 @@ def run(ctx: common.Context) -> common.Results:
             "FLOPs per step (1 - LIFT / CLIP)": flops_verdict,
         }
     )
+    parts_of = {
+        kind: flops_lib.model_flops(ctx.runs[names[0]].cfg) for kind, names in groups.items()
+    }
+    arithmetic = "; ".join(
+        f"{kind}: 3 x (image {f.image / 1e6:.2f} + text {f.text / 1e6:.2f} + head "
+        f"{f.head / 1e6:.2f} + loss {f.loss / 1e6:.2f}) MFLOP per example"
+        for kind, f in parts_of.items()
+    )
     notes = [
+        f"Arithmetic (jaxclip/flops.py, matrix products only): {arithmetic}.",
         f"FLOPs per step (flops.model_flops x batch, 3x forward): CLIP {clip_flops:.3f} GFLOP, "
         f"LIFT {lift_flops:.3f} GFLOP: {100 * saving:.1f} % fewer (paper: 25.5 % / 35.7 %; "
         f"here the text tower is only 2 layers of width 128, so the saving is ours, not theirs).",

@@ -83,6 +83,11 @@ def _finite(value):
     return value
 
 
+def _values(values) -> str:
+    """The distinct values of a setting over a study's runs, e.g. "400" or "200 / 400"."""
+    return " / ".join(str(v) for v in sorted(set(values), key=str))
+
+
 def write(out: Path, study, ctx, results, wall_s: float, machine: dict) -> dict:
     """Writes out/results.json, out/report.md and the plots; returns the JSON's content."""
     out.mkdir(parents=True, exist_ok=True)
@@ -91,10 +96,11 @@ def write(out: Path, study, ctx, results, wall_s: float, machine: dict) -> dict:
             "overrides": {k: str(v) for k, v in run.overrides.items()},
             "seed": int(run.cfg.seed),
             "wall_s": round(run.wall_s, 1),
+            "final_train_loss": run.train_results.get("train/loss"),
         }
         for name, run in ctx.runs.items()
     }
-    base = ctx.config({}, ctx.seed)
+    cfgs = [run.cfg for run in ctx.runs.values()] or [ctx.config({}, ctx.seed)]
     data = {
         "study": study.NAME,
         "claim": study.CLAIM,
@@ -107,11 +113,11 @@ def write(out: Path, study, ctx, results, wall_s: float, machine: dict) -> dict:
         "machine": machine,
         "setup": {
             "base_config": "demo",
-            "image_variant": base.model.image.variant,
-            "image_size": base.data.image_size,
-            "batch_size": base.data.batch_size,
-            "steps": base.train.steps,
-            "eval_examples": base.eval.num_examples,
+            "image_variant": _values(c.model.image.variant for c in cfgs),
+            "image_size": _values(c.data.image_size for c in cfgs),
+            "batch_size": _values(c.data.batch_size for c in cfgs),
+            "steps": _values(c.train.steps for c in cfgs),
+            "eval_examples": _values(c.eval.num_examples for c in cfgs),
             "tasks": list(ctx.tasks),
             "missing_evaluators": list(ctx.missing),
         },
