@@ -152,11 +152,15 @@ class Scene:
         """Spatial relation of the main object to object 1 (None for a single object)."""
         if len(self.objects) < 2:
             return None
-        a, b = self.objects[0], self.objects[1]
-        dx, dy = b.x - a.x, b.y - a.y
-        if abs(dx) >= abs(dy):
-            return "left of" if dx > 0 else "right of"
-        return "above" if dy > 0 else "below"
+        return spatial_relation(self.objects[0], self.objects[1])
+
+
+def spatial_relation(a: SceneObject, b: SceneObject) -> str:
+    """Where ``a`` is relative to ``b`` along the axis on which they are further apart."""
+    dx, dy = b.x - a.x, b.y - a.y
+    if abs(dx) >= abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return "above" if dy > 0 else "below"
 
 
 def _split_code(split: str) -> int:
