@@ -112,8 +112,11 @@ def random_resized_crop(
     return np.ascontiguousarray(array)
 
 
-def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Evaluation view: shorter side resized to `size`, then the centre size x size. uint8 HWC."""
+def resize_center_crop(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> np.ndarray:
+    """Evaluation view: shorter side resized to `size`, then the centre size x size. uint8 HWC
+    (a label or depth map: resample=NEAREST, its own dtype)."""
     width, height = image.size
     factor = size / min(width, height)
     new_w = max(size, int(round(width * factor)))
@@ -121,5 +124,5 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     left, top = (new_w - size) // 2, (new_h - size) // 2
     # Resize only the region that survives the crop, in one call.
     box = (left / factor, top / factor, (left + size) / factor, (top + size) / factor)
-    crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    return np.asarray(crop, dtype=np.uint8)
+    crop = image.resize((size, size), resample, box=box)
+    return np.asarray(crop, dtype=np.uint8 if image.mode == "RGB" else None)

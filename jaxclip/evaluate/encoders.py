@@ -1,4 +1,4 @@
-"""Batched, jitted image and text encoders over a model's current parameters."""
+"""Batched, jitted image, patch and text encoders over a model's current parameters."""
 
 from __future__ import annotations
 
@@ -46,7 +46,12 @@ class Encoders:
         def text_fn(p, tokens, mask):
             return nnx.merge(graphdef, p).encode_text(tokens, mask)
 
+        def patches_fn(p, images):
+            model = nnx.merge(graphdef, p)
+            return model.encode_patches(normalize_images(images, dtype or jnp.float32))
+
         self._image = jax.jit(image_fn, out_shardings=out)
+        self._patches = jax.jit(patches_fn, out_shardings=out)
         self._text = jax.jit(text_fn, out_shardings=out)
 
     def _batches(self, arrays: Sequence[np.ndarray], fn) -> np.ndarray:
@@ -64,6 +69,11 @@ class Encoders:
 
     def images(self, images: np.ndarray) -> np.ndarray:
         return self._batches([images], self._image)
+
+    def patch_tokens(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, patches, width): the image tower's per-patch
+        features (not normalized; see VisionTransformer.encode_patches)."""
+        return self._batches([images], self._patches)
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         if self.text_lookup is not None:

@@ -61,6 +61,11 @@ class LiftModel(nnx.Module):
         features, _ = self.image(images, rng=rng)
         return l2_normalize(self.head(features).astype(jnp.float32))
 
+    def encode_patches(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, 3) -> the ViT's per-patch features (B, N, width) float32, after ln_post
+        and before pooling and the head."""
+        return self.image.encode_patches(images)
+
     def scale(self) -> jax.Array:
         return jnp.exp(self.logit_scale[...].astype(jnp.float32))  # bounded by the train step
 

@@ -40,6 +40,11 @@ class TwoTower(nnx.Module):
         features, _ = self.image(images, rng=rng)
         return l2_normalize(features)
 
+    def encode_patches(self, images: Array) -> Array:
+        """(B, H, W, 3) -> the image tower's per-patch features (B, N, width) float32: final
+        token states after ln_post, class token dropped, before pooling and projection."""
+        return self.image.encode_patches(images)
+
     def encode_text(self, tokens: Array, mask: Array) -> Array:
         """int (B, L) tokens and mask -> unit-norm float32 (B, D)."""
         features, _ = self.text(tokens, mask)

@@ -148,15 +148,9 @@ class VisionTransformer(nnx.Module):
         keep = jnp.sort(jnp.argsort(scores, axis=1)[:, : self.patches_kept], axis=1)
         return jnp.take_along_axis(x, keep[..., None], axis=1)
 
-    def __call__(
-        self, images: Array, *, rng: Array | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """images (B, H, W, 3) float -> (features (B, out_dim) float32, intermediates).
-
-        `rng`: a key for patch dropout (training); None keeps every patch.
-        intermediates: "tokens" = patch tokens after the last block (B, N, width), float32;
-        "pooled" = pooled feature after ln_post, before the projection (B, width).
-        """
+    def token_states(self, images: Array, *, rng: Array | None = None) -> Array:
+        """images (B, H, W, 3) float -> the float32 residual stream after the last block,
+        (B, 1 + N, width) with the class token first (pool="cls") or (B, N, width)."""
         dt = self.dtype
         kernel = self.patch_kernel[...].astype(dt).reshape(-1, self.width)
         x = self.patchify(images.astype(dt)) @ kernel
@@ -171,8 +165,34 @@ class VisionTransformer(nnx.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
-        x = self.blocks(x)
+        return self.blocks(x)
 
+    def encode_patches(self, images: Array, *, apply_ln_post: bool = True) -> Array:
+        """images (B, H, W, 3) float -> per-patch features (B, N, width) float32, every patch
+        kept, in patchify's row-major order; the class token (if any) is dropped.
+
+        apply_ln_post=True (dense probes) normalizes each token with ln_post. The pooled
+        feature is ln_post of the mean (pool="mean"), so with apply_ln_post=False the mean
+        over patches, ln_post and the projection give exactly `__call__`'s features; the
+        mean of the ln_post'ed tokens does not (a LayerNorm does not commute with a mean).
+        """
+        x = self.token_states(images)
+        tokens = x[:, 1:] if self.pool == "cls" else x
+        if not apply_ln_post:
+            return tokens
+        return self.ln_post(tokens, dtype=self.dtype).astype(jnp.float32)
+
+    def __call__(
+        self, images: Array, *, rng: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """images (B, H, W, 3) float -> (features (B, out_dim) float32, intermediates).
+
+        `rng`: a key for patch dropout (training); None keeps every patch.
+        intermediates: "tokens" = patch tokens after the last block (B, N, width), float32;
+        "pooled" = pooled feature after ln_post, before the projection (B, width).
+        """
+        dt = self.dtype
+        x = self.token_states(images, rng=rng)
         if self.pool == "cls":
             tokens, pooled = x[:, 1:], x[:, 0]
         else:
