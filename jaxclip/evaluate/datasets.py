@@ -115,6 +115,15 @@ def parse_task(text: str, allowed_options: Sequence[str]) -> TaskSpec:
     return TaskSpec(text=text, kind=kind, source=source, location=location, options=options)
 
 
+def count_option(spec: TaskSpec, key: str, default: int) -> int:
+    """An integer option of a task (e.g. n=), with a clear error for anything else."""
+    value = spec.options.get(key, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise EvalDataError(f"Task {spec.text!r}: {key}={value!r} is not a whole number.") from None
+
+
 def subset(size: int, n: int) -> np.ndarray:
     """Evenly spaced indices of n examples (all if n <= 0): covers every class of a folder
     or a converted dataset, whose records are often sorted by class."""

@@ -125,7 +125,7 @@ def _shapes_splits(cfg, spec: datasets.TaskSpec, target: str):
             f"Task {spec.text!r}: the shapes world's dense probes score on its val split; "
             f"write '{spec.kind}:shapes=val'."
         )
-    n = int(spec.options.get("n", cfg.eval.num_examples))
+    n = datasets.count_option(spec, "n", cfg.eval.num_examples)
     splits = []
     for split in ("train", "val"):
         world = shapes_world(cfg.data, split, num_examples=n, max_objects=3, single_object=False)
@@ -147,9 +147,9 @@ def _folder_splits(cfg, spec: datasets.TaskSpec, target: str):
     try:
         scale = float(spec.options.get("depth_scale", 0.001))
         fraction = float(spec.options.get("train_fraction", 0.5))
-        n = int(spec.options.get("n", cfg.eval.get("max_examples", 0)))
     except ValueError as e:
         raise datasets.EvalDataError(f"Task {spec.text!r}: a bad option value ({e}).") from None
+    n = datasets.count_option(spec, "n", cfg.eval.get("max_examples", 0))
 
     def reader(i):
         image, raw = read_pair(*folder.pairs[i], size, max_pixels)

@@ -185,7 +185,7 @@ def _shapes_splits(cfg, spec: datasets.TaskSpec) -> list[tuple[datasets.EvalSet,
             f"Task {spec.text!r}: the shapes world's linear probe classifies one of "
             f"{', '.join(SHAPES_FIELDS)}; write e.g. 'linear_probe:shapes=colour'."
         )
-    n = int(spec.options.get("n", cfg.eval.num_examples))
+    n = datasets.count_option(spec, "n", cfg.eval.num_examples)
     if n < 2:
         raise datasets.EvalDataError(f"Task {spec.text!r}: n={n} examples per split is too few.")
     train = shapes_world(cfg.data, "train", num_examples=n, single_object=True)
