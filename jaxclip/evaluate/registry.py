@@ -38,7 +38,7 @@ def available() -> list[str]:
 
 def _import_all() -> None:
     # Importing the modules runs their @register decorators.
-    from jaxclip.evaluate import grounding, retrieval, zeroshot  # noqa: F401
+    from jaxclip.evaluate import compositional, grounding, retrieval, zeroshot  # noqa: F401
 
 
 def build_evaluators(cfg: ml_collections.ConfigDict) -> dict:
