@@ -32,7 +32,7 @@ def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
 # Keys whose value must be one of a few names; checked when a config loads and on override.
 # (jaxclip.losses defines the same names; tests/test_config.py keeps the two lists equal.)
 CHOICES = {
-    "loss.kind": ("", "contrastive", "siglip", "cosine"),  # "": the model kind's default
+    "loss.kind": ("", "contrastive", "siglip", "cosine", "squared"),  # "": the model kind's default
     "loss.impl": ("gather", "ring"),
 }
 
@@ -240,11 +240,12 @@ def base_config() -> ml_collections.ConfigDict:
     d.bad_fraction_min_records = 1000  # ... judged once this many records were read
     d.max_image_pixels = 89_478_485  # larger images are refused unread (decompression bombs)
 
-    # kind: contrastive | siglip | cosine ("" = the model kind's default, model_kinds.py);
-    # impl: gather | ring (docs/losses.md); chunk_size: logits formed this many columns at
-    # a time (0 = all at once).
+    # kind: contrastive | siglip | cosine | squared ("" = the model kind's default,
+    # model_kinds.py); impl: gather | ring (docs/losses.md); chunk_size: logits formed this
+    # many columns at a time (0 = all at once); learn_scale=False holds the temperature at
+    # model.init_logit_scale (the parameter is frozen, like optim.frozen's).
     c.loss = ml_collections.ConfigDict(
-        dict(kind="", impl="gather", positive_weight=0.0, chunk_size=0)
+        dict(kind="", impl="gather", positive_weight=0.0, chunk_size=0, learn_scale=True)
     )
 
     c.optim = o = ml_collections.ConfigDict()

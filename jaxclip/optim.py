@@ -80,11 +80,26 @@ def frozen_labels(tree: dict, patterns: tuple[str, ...]) -> dict:
     return labels
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int, mask: dict):
-    """AdamW (+ optional clipping); `optim_cfg.frozen` parameters get zero updates, no state."""
+def frozen_patterns(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The run's frozen-parameter patterns: `optim.frozen`, plus the logit scale when
+    `loss.learn_scale` is false (the temperature stays at `model.init_logit_scale`)."""
+    patterns = tuple(cfg.optim.get("frozen", ()))
+    if not cfg.loss.get("learn_scale", True):  # .get: configs saved before the key existed
+        patterns += ("logit_scale",)
+    return patterns
+
+
+def make_optimizer(
+    optim_cfg: ml_collections.ConfigDict,
+    total_steps: int,
+    mask: dict,
+    frozen: tuple[str, ...] | None = None,
+):
+    """AdamW (+ optional clipping); `frozen` parameters (default `optim_cfg.frozen`; a run
+    passes `frozen_patterns(cfg)`) get zero updates and no state."""
     schedule = learning_rate_schedule(optim_cfg, total_steps)
     trained = _adamw_chain(optim_cfg, schedule, mask)
-    frozen = tuple(optim_cfg.get("frozen", ()))
+    frozen = tuple(optim_cfg.get("frozen", ()) if frozen is None else frozen)
     if not frozen:
         return trained, schedule
     labels = frozen_labels(mask, frozen)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxclip import mesh as mesh_lib
 from jaxclip import model_kinds
 from jaxclip.data.pipeline import make_tokenizer
-from jaxclip.optim import decay_mask, make_optimizer, opt_state_specs
+from jaxclip.optim import decay_mask, frozen_patterns, make_optimizer, opt_state_specs
 from jaxclip.tokenizer import Tokenizer
 
 
@@ -80,7 +80,9 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> RunSetup:
     abstract_params = nnx.to_pure_dict(abstract_vars)
     for message in replicated_dims(abstract_vars, dict(cfg.mesh.rules), mesh):
         logging.warning(message)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, decay_mask(abstract_vars))
+    tx, schedule = make_optimizer(
+        cfg.optim, cfg.train.steps, decay_mask(abstract_vars), frozen_patterns(cfg)
+    )
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     # Optimizer moments mirror the parameters' layout (frozen parameters have none); scalars
     # (counts) are replicated.

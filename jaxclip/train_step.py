@@ -19,7 +19,7 @@ from jaxclip import mesh as mesh_lib
 from jaxclip.data.transforms import normalize_images
 from jaxclip.grad_cache import accumulated_value_and_grad
 from jaxclip.models.build import compute_dtype
-from jaxclip.optim import frozen_labels
+from jaxclip.optim import frozen_labels, frozen_patterns
 from jaxclip.run_setup import RunSetup
 
 
@@ -40,7 +40,7 @@ def make_train_step(setup: RunSetup):
     max_log_scale = math.log(cfg.model.max_logit_scale)
     rules = dict(cfg.mesh.rules)
 
-    patterns = tuple(cfg.optim.frozen)
+    patterns = frozen_patterns(cfg)  # optim.frozen, and the logit scale if not learned
     frozen = frozen_labels(setup.abstract_state["params"], patterns) if patterns else None
 
     def embed(params, batch, rng):

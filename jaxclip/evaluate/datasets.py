@@ -17,7 +17,7 @@ Options: `split` (TFDS only; default: the dataset's test or validation split), `
 an evenly spaced subset of n examples; default `eval.max_examples`, 0 = all), `name` (the
 dataset's name in metric names), `prefix` (the whole metric prefix), `image`/`label`/`text`
 (TFDS feature names), and for zero-shot `class_names=FILE` and
-`templates=imagenet|cifar|simple|shapes`.
+`templates=imagenet|cifar|simple|shapes|shapes_unseen`.
 
 The shapes world's sets are rendered, not decoded: `eval.num_examples` of them, one object
 per image, class-balanced.

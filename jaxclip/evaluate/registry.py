@@ -41,6 +41,7 @@ def _import_all() -> None:
     from jaxclip.evaluate import (  # noqa: F401
         compositional,
         dense,
+        grounding,
         linear_probe,
         retrieval,
         zeroshot,

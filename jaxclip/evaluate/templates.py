@@ -116,6 +116,20 @@ CIFAR_TEMPLATES = (
     "a photo of the big {}.",
 )
 
+# Prompts the shapes world's captions never use, for zero-shot transfer to unseen phrasings.
+# Built from words of its vocabulary only (shapes.vocabulary()): its word-level tokenizer
+# maps any other word to <unk>, whose embedding the text tower never learns, so a new word
+# would test nothing but noise. These recombine template words ("picture of", "photo with",
+# the bare phrase, "an" before a colour) in orders no caption has; no size word appears, so
+# none can equal a detailed caption either (tests/test_grounding.py checks both).
+SHAPES_UNSEEN_TEMPLATES = (
+    "{}",
+    "an {}",
+    "a picture of a {}",
+    "a photo with a {}",
+    "an image with a {}",
+)
+
 # One prompt: cheap, and the right choice for a model trained on very short captions.
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
 
@@ -124,6 +138,7 @@ ENSEMBLES = {
     "cifar": CIFAR_TEMPLATES,
     "simple": SIMPLE_TEMPLATES,
     "shapes": PROMPT_TEMPLATES,  # the shapes world's own caption phrasings
+    "shapes_unseen": SHAPES_UNSEEN_TEMPLATES,  # phrasings its captions never use
 }
 
 # The ensemble CLIP used for each TFDS dataset; anything else gets the ImageNet one.

@@ -10,7 +10,8 @@ decoded (or rendered) chunk by chunk and encoded on the whole mesh.
 
 `zeroshot_combo_heldout` and its siblings are the shapes world's tasks under the names the
 demo reports; `combo_heldout` classifies images whose (shape, colour) combination never
-appeared in training, among all combinations.
+appeared in training, among all combinations. `zeroshot_<task>_unseen` does the same with
+prompts in phrasings no training caption used (templates=shapes_unseen).
 """
 
 from __future__ import annotations
@@ -117,3 +118,5 @@ class ZeroShot:
 register_family("zeroshot")(ZeroShot)
 for _task in datasets.ShapesSet.TASKS:
     register_alias(f"zeroshot_{_task}", f"zeroshot:shapes={_task},prefix=zeroshot_{_task}")
+    _unseen = f"zeroshot_{_task}_unseen"
+    register_alias(_unseen, f"zeroshot:shapes={_task},templates=shapes_unseen,prefix={_unseen}")

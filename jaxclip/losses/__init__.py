@@ -1,11 +1,13 @@
 """Training objectives for CLIP-family models: pure functions of embeddings and a mesh.
 
     loss, metrics = objective(image_emb, text_emb, scale, bias, mesh=mesh,
-                              kind="contrastive" | "siglip" | "cosine", impl="gather" | "ring")
+                              kind="contrastive" | "siglip" | "cosine" | "squared",
+                              impl="gather" | "ring")
 
 Kinds: ``contrastive`` is the global-batch InfoNCE of CLIP (`contrastive.py`); ``siglip`` the
 pairwise sigmoid loss of SigLIP (`sigmoid.py`); ``cosine`` LIFT's loss without negatives
-(`positive_pair_loss`). Impls: ``gather`` all-gathers the embeddings, so its memory grows
+(`positive_pair_loss`); ``squared`` the squared loss on scaled similarities that Chen et al.
+(2023) analyse (`squared.py`). Impls: ``gather`` all-gathers the embeddings, so its memory grows
 with the global batch; ``ring`` passes them around the devices (`ring.py`), so it does not.
 Both are exact: they agree within float32 rounding. docs/losses.md says which to choose.
 """
@@ -22,6 +24,7 @@ from jaxclip.losses.batch_axes import BATCH_AXES
 from jaxclip.losses.contrastive import contrastive_loss
 from jaxclip.losses.ring import LOSS_IMPLS, check_impl
 from jaxclip.losses.sigmoid import sigmoid_loss
+from jaxclip.losses.squared import squared_loss
 
 __all__ = [
     "LOSS_IMPLS",
@@ -30,9 +33,10 @@ __all__ = [
     "objective",
     "positive_pair_loss",
     "sigmoid_loss",
+    "squared_loss",
 ]
 
-OBJECTIVE_KINDS = ("contrastive", "siglip", "cosine")
+OBJECTIVE_KINDS = ("contrastive", "siglip", "cosine", "squared")
 
 
 def positive_pair_loss(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
@@ -84,7 +88,9 @@ def objective(
     either plus ``positive_weight * positive_pair_loss`` when the weight is positive.
     ``kind="cosine"`` (LIFT): ``positive_pair_loss`` only; the InfoNCE metrics are still
     computed (on stop-gradient inputs) so runs of every kind log comparable numbers, and the
-    scale and bias receive zero gradient.
+    scale and bias receive zero gradient. ``kind="squared"``: `squared_loss` (the bias is
+    unused), plus the positive-pair term when weighted; its top-1 and similarity metrics are
+    InfoNCE's (stop-gradient, with ``impl``), which share them.
 
     Returns ``(total, metrics)``. ``metrics["loss"]`` is the kind's own loss (InfoNCE for
     ``cosine``, for comparison), ``metrics["positive_pair"]`` the mean ``1 - cos`` of the
@@ -95,7 +101,7 @@ def objective(
     options = dict(mesh=mesh, batch_axes=batch_axes, chunk_size=chunk_size, impl=impl)
     pos = positive_pair_loss(image_emb, text_emb)
 
-    if kind == "cosine":
+    if kind in ("cosine", "squared"):
         sg = jax.lax.stop_gradient
         sg_bias = None if bias is None else sg(jnp.asarray(bias, jnp.float32))
         _, metrics = contrastive_loss(
@@ -103,6 +109,10 @@ def objective(
         )
         metrics = {k: sg(x) for k, x in metrics.items()}
         total = pos
+        if kind == "squared":
+            loss = squared_loss(image_emb, text_emb, scale, mesh=mesh, batch_axes=batch_axes)
+            metrics["loss"] = loss
+            total = loss + positive_weight * pos if positive_weight > 0 else loss
     else:
         loss_fn = sigmoid_loss if kind == "siglip" else contrastive_loss
         loss, metrics = loss_fn(image_emb, text_emb, scale, bias, **options)
