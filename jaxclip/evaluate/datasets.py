@@ -10,6 +10,8 @@ A task in `config.eval.tasks` is `KIND:SOURCE[,option=value...]`:
     retrieval:records=/data/flickr30k_test
     zeroshot:shapes=combo_heldout          the shapes world (shape, colour, combo_seen,
     retrieval:shapes=val                   combo_heldout; retrieval on its val split)
+    compositional:shapes=val               hard-negative captions (evaluate/compositional.py)
+    compositional:sugarcrepe=DIR           SugarCrepe's JSON files (compositional only)
 
 Options: `split` (TFDS only; default: the dataset's test or validation split), `n` (evaluate
 an evenly spaced subset of n examples; default `eval.max_examples`, 0 = all), `name` (the
@@ -76,7 +78,8 @@ class TaskSpec:
         return self.options.get("prefix") or f"{self.kind}/{self.name}"
 
 
-SOURCES = ("tfds", "folder", "records", "shapes")
+# sugarcrepe: caption pairs for the compositional evaluator only (evaluate/compositional.py).
+SOURCES = ("tfds", "folder", "records", "shapes", "sugarcrepe")
 
 
 def parse_task(text: str, allowed_options: Sequence[str]) -> TaskSpec:
@@ -92,7 +95,7 @@ def parse_task(text: str, allowed_options: Sequence[str]) -> TaskSpec:
     if source not in SOURCES:
         raise EvalDataError(
             f"Evaluation task {text!r}: unknown dataset source {source!r}; use a TFDS name, "
-            f"'folder=DIR', 'records=DIR' or 'shapes=TASK'."
+            f"'folder=DIR', 'records=DIR', 'shapes=TASK' or (compositional) 'sugarcrepe=DIR'."
         )
     options = {}
     for part in parts[1:]:
@@ -291,6 +294,11 @@ class ShapesSet(EvalSet):
 
 
 def open_eval_set(spec: TaskSpec, cfg, *, labelled: bool) -> EvalSet:
+    if spec.source == "sugarcrepe":
+        raise EvalDataError(
+            f"Task {spec.text!r}: a SugarCrepe directory holds caption pairs, not a "
+            f"{spec.kind} set; evaluate it as 'compositional:sugarcrepe=DIR'."
+        )
     if spec.source == "shapes":
         return ShapesSet(spec, cfg, labelled=labelled)
     if spec.source == "folder":

@@ -38,7 +38,14 @@ def available() -> list[str]:
 
 def _import_all() -> None:
     # Importing the modules runs their @register decorators.
-    from jaxclip.evaluate import dense, grounding, linear_probe, retrieval, zeroshot  # noqa: F401
+    from jaxclip.evaluate import (  # noqa: F401
+        compositional,
+        dense,
+        grounding,
+        linear_probe,
+        retrieval,
+        zeroshot,
+    )
 
 
 def build_evaluators(cfg: ml_collections.ConfigDict) -> dict:
