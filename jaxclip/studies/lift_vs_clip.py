@@ -91,11 +91,13 @@ def run(ctx: common.Context) -> common.Results:
         f"{f.head / 1e6:.2f} + loss {f.loss / 1e6:.2f}) MFLOP per example"
         for kind, f in parts_of.items()
     )
+    text = ctx.runs[groups["clip"][0]].cfg.model.text
     notes = [
         f"Arithmetic (jaxclip/flops.py, matrix products only): {arithmetic}.",
         f"FLOPs per step (flops.model_flops x batch, 3x forward): CLIP {clip_flops:.3f} GFLOP, "
         f"LIFT {lift_flops:.3f} GFLOP: {100 * saving:.1f} % fewer (paper: 25.5 % / 35.7 %; "
-        f"here the text tower is only 2 layers of width 128, so the saving is ours, not theirs).",
+        f"here the text tower is {text.depth} layer(s) of width {text.width} over "
+        f"{ctx.runs[groups['clip'][0]].cfg.data.context_length} tokens: the saving is ours).",
         f"Held-out zero-shot, LIFT - CLIP: {zs:+.4f} (seed noise {zs_noise:.4f}); the paper "
         f"reports about equal zero-shot; not part of the verdict.",
     ]
