@@ -39,7 +39,7 @@ def readme_table(out: Path) -> str:
         lines.append(
             f"| [{name}]({out.as_posix()}/{name}/report.md) | {command} | "
             f"{data['verdict']['label']}{quick} | {data['wall_s']:.0f} s | "
-            f"nproc={data['machine']['nproc']} |"
+            f"nproc={data['machine']['nproc']}, load {data['machine'].get('load_end', 0):.1f} |"
         )
     return "\n".join(lines)
 

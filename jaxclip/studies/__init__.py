@@ -9,6 +9,7 @@ between studies) and writes `<out>/<name>/results.json`, `report.md` and PNG plo
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from pathlib import Path
 
@@ -40,8 +41,7 @@ def run_study(name: str, out: Path, *, quick: bool = False, seed: int = 0) -> di
     study = get(name)
     directory = Path(out) / name
     ctx = common.Context(directory, quick=quick, seed=seed, tasks=list(study.TASKS))
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     results = study.run(ctx)
-    return report.write(
-        directory, study, ctx, results, time.perf_counter() - start, common.machine()
-    )
+    machine = {**common.machine(), "load_start": round(load_start, 2)}
+    return report.write(directory, study, ctx, results, time.perf_counter() - start, machine)

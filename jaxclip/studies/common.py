@@ -288,6 +288,8 @@ def machine(devices=None) -> dict:
         "platform": platform.platform(),
         "devices": f"{len(devices)} x {devices[0].device_kind}",
         "jax": jax.__version__,
+        # 1-minute load average when the study ended: other work sharing the cores slows it.
+        "load_end": round(os.getloadavg()[0], 2),
     }
 
 

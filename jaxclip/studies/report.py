@@ -135,6 +135,7 @@ def write(out: Path, study, ctx, results, wall_s: float, machine: dict) -> dict:
 
 def render(data: dict, plots: list[str]) -> str:
     setup, m = data["setup"], data["machine"]
+    nan = float("nan")
     lines = [
         f"# Study: {data['study']}",
         "",
@@ -152,7 +153,9 @@ def render(data: dict, plots: list[str]) -> str:
         f"- Evaluation: {setup['eval_examples']} examples per set; tasks "
         f"{', '.join(f'`{t}`' for t in setup['tasks']) or 'none'}.",
         f"- Machine: nproc={m['nproc']}, {m['devices']}, jax {m['jax']}, {m['platform']}.",
-        f"- Wall time of the whole study: {data['wall_s']:.0f} s.",
+        f"- Wall time of the whole study: {data['wall_s']:.0f} s (1-minute load average "
+        f"{m.get('load_start', nan):.1f} at the start, {m.get('load_end', nan):.1f} at the end; "
+        "above the core count, other processes shared the CPU).",
     ]
     if setup["missing_evaluators"]:
         lines.append(
