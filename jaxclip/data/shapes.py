@@ -363,18 +363,19 @@ class ShapesWorld:
         index = self._check(index)
         return sample_scene(self.split, index, self.seed, self.max_objects, self.single_object)
 
-    def clean_caption(self, index: int) -> str:
-        """Caption of ``index`` in the configured style, before any noise."""
-        scene = self.scene(index)
+    def clean_caption(self, index: int, scene: Scene | None = None) -> str:
+        """Caption of ``index`` in the configured style, before any noise (``scene``: the
+        index's scene when the caller has sampled it already)."""
+        scene = self.scene(index) if scene is None else scene
         rng = np.random.default_rng([self.seed, self._code, int(index), 1])
         style = self.caption_style
         if style == "mixed":
             style = "short" if rng.random() < 0.5 else "detailed"
         return short_caption(scene, rng) if style == "short" else detailed_caption(scene)
 
-    def caption(self, index: int) -> str:
+    def caption(self, index: int, scene: Scene | None = None) -> str:
         """Caption of ``index`` with the configured noise applied."""
-        clean = self.clean_caption(index)
+        clean = self.clean_caption(index, scene)
         if self.noise_prob == 0.0:
             return clean
         rng = np.random.default_rng([self.seed, self._code, int(index), 2])
@@ -403,7 +404,7 @@ class ShapesWorld:
         main = scene.main
         return {
             "image": image,
-            "caption": self.caption(index),
+            "caption": self.caption(index, scene),  # the scene is sampled once
             "key": self.key(index),
             "shape": np.int32(main.shape),
             "colour": np.int32(main.colour),
