@@ -21,7 +21,7 @@ def get_config():
     # embeddings of different shapes-world prompts are far from orthogonal (median pairwise
     # cosine 0.41, 10 % of pairs above 0.67), so at scale 14 the softmax over the batch is
     # flat and the image tower learns slowly. With scale 50 held-out shape x colour zero-shot
-    # reaches 0.93 at step 1500 instead of 0.81 (docs/PERFORMANCE.md, "LIFT demo").
+    # at step 1500 was 0.93 and 0.89 in two runs, against 0.81-0.82 before (docs/PERFORMANCE.md).
     c.model.init_logit_scale = math.log(50.0)
 
     c.text_encoder.name = "all-MiniLM-L6-v2"
