@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= demo_lift
+# pytest worker processes (pytest-xdist); each test file runs whole in one worker, so its
+# module fixtures are built once. Two match the 2-core CI machine.
+TEST_WORKERS ?= 2
 
 .PHONY: venv train test lint clean
 
@@ -25,7 +28,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf workdirs .pytest_cache .ruff_cache
