@@ -80,8 +80,8 @@ def open_clip_worker(threads: int):
 
 
 def jaxclip_worker(threads: int, overrides: list[str], root: Path = ROOT):
-    """The `demo` config's real train step (train.build + make_train_step) of the jaxclip
-    source tree at `root`."""
+    """The `demo` config's real train step (run_setup.build + make_train_step) of the
+    jaxclip source tree at `root`."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(root))
     import jax
@@ -89,13 +89,13 @@ def jaxclip_worker(threads: int, overrides: list[str], root: Path = ROOT):
 
     from jaxclip import config as config_lib
     from jaxclip import mesh as mesh_lib
-    from jaxclip import train as train_lib
+    from jaxclip import run_setup, train_step
 
     cfg = config_lib.load_config("demo")
     config_lib.apply_overrides(cfg, [o.split("=", 1) for o in overrides])
-    setup = train_lib.build(cfg, jax.devices()[:1])
-    step = train_lib.make_train_step(setup)
-    state = train_lib.init_state(setup)
+    setup = run_setup.build(cfg, jax.devices()[:1])
+    step = train_step.make_train_step(setup)
+    state = run_setup.init_state(setup)
     rng = np.random.default_rng(0)
     mask = np.zeros((BATCH, CONTEXT), np.int32)
     mask[:, : CONTEXT // 2 + 1] = 1
@@ -124,6 +124,11 @@ def serve(kind: str, threads: int, overrides: list[str], root: Path) -> None:
     # Answers go to the original stdout; anything the libraries print goes to stderr.
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    # XLA's CPU thread pool ignores OMP_NUM_THREADS and sizes itself from the CPUs the process
+    # may run on: pin both workers to `threads` cores so each framework gets the same cores.
+    cores = sorted(os.sched_getaffinity(0))
+    if threads < len(cores):
+        os.sched_setaffinity(0, cores[:threads])
     if kind == "open_clip":
         steps, version = open_clip_worker(threads)
     else:

@@ -223,14 +223,10 @@ class Compositional:
 
     def run(self, encoders) -> dict[str, float]:
         needed = np.array(sorted({p.image for p in self.pairs}), np.int64)
-        row_of, image_emb, errors = {}, [], []
-        for batch in eval_batches.image_batches(
-            self.data, needed, self.image_size, encoders.batch_size, self.max_pixels
-        ):
-            errors += batch.errors
-            if len(batch.indices):
-                row_of.update({int(i): len(row_of) + k for k, i in enumerate(batch.indices)})
-                image_emb.append(encoders.images(batch.images))
+        kept, image_emb, errors = eval_batches.embed_images(
+            self.data, needed, self.image_size, encoders, self.max_pixels
+        )
+        row_of = {i: row for row, i in enumerate(kept)}
         skipped = len(needed) - len(row_of)
         if skipped:
             logging.warning(
@@ -249,7 +245,7 @@ class Compositional:
         texts = self.texts()
         text_row = {t: k for k, t in enumerate(texts)}
         text_emb = encoders.texts(texts)
-        images = np.concatenate(image_emb)[[row_of[p.image] for p in pairs]]
+        images = image_emb[[row_of[p.image] for p in pairs]]
         scores = pair_scores(
             images,
             text_emb[[text_row[p.positive] for p in pairs]],

@@ -71,3 +71,20 @@ def image_batches(
                 ],
                 errors=[d for d in decoded if isinstance(d, str)],
             )
+
+
+def embed_images(
+    eval_set: EvalSet,
+    indices: Sequence[int],
+    size: int,
+    encoders,
+    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS,
+) -> tuple[list[int], np.ndarray, list[str]]:
+    """(indices of the decodable images, their embeddings, why the others were skipped)."""
+    kept, embeddings, errors = [], [], []
+    for batch in image_batches(eval_set, indices, size, encoders.batch_size, max_pixels):
+        errors += batch.errors
+        if len(batch.indices):
+            kept.extend(int(i) for i in batch.indices)
+            embeddings.append(encoders.images(batch.images))
+    return kept, (np.concatenate(embeddings) if embeddings else np.zeros((0, 0))), errors

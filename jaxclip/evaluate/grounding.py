@@ -191,14 +191,9 @@ class Grounding:
 
     def _image_embeddings(self, encoders) -> tuple[list[int], np.ndarray]:
         usable = np.array(sorted(self.captions), np.int64)
-        kept, emb, errors = [], [], []
-        for batch in eval_batches.image_batches(
-            self.data, usable, self.image_size, encoders.batch_size, self.max_pixels
-        ):
-            errors += batch.errors
-            if len(batch.indices):
-                kept.extend(int(i) for i in batch.indices)
-                emb.append(encoders.images(batch.images))
+        kept, emb, errors = eval_batches.embed_images(
+            self.data, usable, self.image_size, encoders, self.max_pixels
+        )
         if len(kept) < len(self.indices):
             example = f", e.g. {errors[0]}" if errors else ""
             skipped = len(self.indices) - len(kept)
@@ -208,7 +203,7 @@ class Grounding:
                 f"{self.spec.text}: {len(kept)} usable image(s); the grounding probe needs at "
                 f"least four (two to fit the map, two to retrieve among)."
             )
-        return kept, np.concatenate(emb)
+        return kept, emb
 
     def run(self, encoders) -> dict[str, float]:
         kept, image_emb = self._image_embeddings(encoders)

@@ -36,6 +36,13 @@ def available() -> list[str]:
     return sorted(_ALIASES) + [f"{kind}:<dataset>" for kind in sorted(_FAMILIES)]
 
 
+def is_registered(name: str) -> bool:
+    """Whether `name` (a task or an alias) names a registered evaluator family."""
+    _import_all()
+    kind, sep, _ = _ALIASES.get(name, name).partition(":")
+    return bool(sep) and kind in _FAMILIES
+
+
 def _import_all() -> None:
     # Importing the modules runs their @register decorators.
     from jaxclip.evaluate import (  # noqa: F401
@@ -53,14 +60,13 @@ def build_evaluators(cfg: ml_collections.ConfigDict) -> dict:
     _import_all()
     evaluators = {}
     for name in cfg.eval.tasks:
-        task = _ALIASES.get(name, name)
-        kind, sep, _ = task.partition(":")
-        if not sep or kind not in _FAMILIES:
+        if not is_registered(name):
             raise ConfigError(
                 f"Unknown evaluator {name!r}; available: {', '.join(available())} (a dataset "
                 f"is a TFDS name, folder=DIR, records=DIR or shapes=TASK)."
             )
-        evaluators[name] = _FAMILIES[kind](cfg, task)
+        task = _ALIASES.get(name, name)
+        evaluators[name] = _FAMILIES[task.partition(":")[0]](cfg, task)
     return evaluators
 
 

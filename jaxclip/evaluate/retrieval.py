@@ -94,14 +94,9 @@ class Retrieval:
     def run(self, encoders) -> dict[str, float]:
         captions = self.captions
         usable = np.array(sorted(captions), np.int64)
-        kept, image_emb, errors = [], [], []
-        for batch in eval_batches.image_batches(
-            self.data, usable, self.image_size, encoders.batch_size, self.max_pixels
-        ):
-            errors += batch.errors
-            if len(batch.indices):
-                kept.extend(int(i) for i in batch.indices)
-                image_emb.append(encoders.images(batch.images))
+        kept, image_emb, errors = eval_batches.embed_images(
+            self.data, usable, self.image_size, encoders, self.max_pixels
+        )
         skipped = len(self.indices) - len(kept)
         if skipped:
             example = f", e.g. {errors[0]}" if errors else ""
@@ -119,7 +114,7 @@ class Retrieval:
         texts = [c for i in kept for c in captions[i]]
         owner = np.repeat(np.arange(len(kept)), [len(captions[i]) for i in kept])
         groups = self.data.image_groups(kept)
-        i2t, t2i = retrieval_ranks(np.concatenate(image_emb), encoders.texts(texts), owner, groups)
+        i2t, t2i = retrieval_ranks(image_emb, encoders.texts(texts), owner, groups)
         results = {f"{self.prefix}/i2t_r{k}": v for k, v in recall_at_k(i2t).items()}
         results.update({f"{self.prefix}/t2i_r{k}": v for k, v in recall_at_k(t2i).items()})
         # What a random ranking achieves at text -> image R@1, for reading the numbers.

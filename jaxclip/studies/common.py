@@ -118,12 +118,9 @@ def has_config_key(dotted: str) -> bool:
 
 def available_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
     """(tasks whose evaluator is registered, tasks whose evaluator is missing)."""
-    registry._import_all()
     known, missing = [], []
     for task in tasks:
-        full = registry._ALIASES.get(task, task)
-        kind, sep, _ = full.partition(":")
-        (known if sep and kind in registry._FAMILIES else missing).append(task)
+        (known if registry.is_registered(task) else missing).append(task)
     return known, missing
 
 
