@@ -65,3 +65,26 @@ def test_an_unknown_measurement_is_refused_with_the_choices():
     )
     assert out.returncode != 0
     assert "unknown --what weight" in out.stderr and "weights" in out.stderr
+
+
+def test_open_clip_step_comparison_runs_both_frameworks_and_reports_their_ratio():
+    from reference_libs import require_reference
+
+    require_reference()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one device, as the comparison is documented
+    out = subprocess.run(
+        [sys.executable, "launch/compare_open_clip_step.py", f"--open_clip_python={sys.executable}"]
+        + ["--threads=1", "--rounds=2", "--steps=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["jaxclip_s_per_step"] > 0 and summary["open_clip_s_per_step"] > 0
+    ratio = summary["jaxclip_over_open_clip"]
+    assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert summary["threads"] == 1 and summary["rounds"] == 2
