@@ -12,10 +12,15 @@ TINY_QWEN3 = ROOT / "tests" / "fixtures" / "decoder_llm" / "qwen3"
 
 
 def benchmark(*flags: str) -> dict:
+    return launch("launch/benchmark.py", *flags)
+
+
+def launch(script: str, *flags: str) -> dict:
+    """Runs a launch script on one CPU device; its last stdout line, parsed as JSON."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one device
     out = subprocess.run(
-        [sys.executable, "launch/benchmark.py", *flags],
+        [sys.executable, script, *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -71,19 +76,11 @@ def test_open_clip_step_comparison_runs_both_frameworks_and_reports_their_ratio(
     from reference_libs import require_reference
 
     require_reference()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one device, as the comparison is documented
-    out = subprocess.run(
-        [sys.executable, "launch/compare_open_clip_step.py", f"--open_clip_python={sys.executable}"]
-        + ["--threads=1", "--rounds=2", "--steps=1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    summary = launch(
+        "launch/compare_open_clip_step.py",
+        f"--open_clip_python={sys.executable}",
+        *("--threads=1", "--rounds=2", "--steps=1"),
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["jaxclip_s_per_step"] > 0 and summary["open_clip_s_per_step"] > 0
     ratio = summary["jaxclip_over_open_clip"]
     assert ratio["min"] <= ratio["median"] <= ratio["max"]
