@@ -134,3 +134,21 @@ def test_random_resized_crop_box_respects_bounds():
     assert images.random_resized_crop_box(50, 50, rng, (1.0, 1.0), (1.0, 1.0)) == (0, 0, 50, 50)
     crop = images.random_resized_crop(Image.fromarray(_smooth(40, 40)), 16, rng)
     assert crop.shape == (16, 16, 3) and crop.dtype == np.uint8
+
+
+def test_random_resized_crop_flip_mirrors_the_same_crop():
+    """The flip mirrors exactly the crop drawn without it: same generator state, same box,
+    columns reversed (PIL's transpose against NumPy's reversed view)."""
+    image = Image.fromarray(_smooth(60, 50))
+    flipped = 0
+    for seed in range(16):
+        with_flip = images.random_resized_crop(image, 24, np.random.default_rng(seed), flip=True)
+        plain = images.random_resized_crop(image, 24, np.random.default_rng(seed), flip=False)
+        mirrored = np.random.default_rng(seed)
+        images.random_resized_crop_box(*image.size, mirrored, (0.9, 1.0), (3 / 4, 4 / 3))
+        if mirrored.random() < 0.5:
+            flipped += 1
+            np.testing.assert_array_equal(with_flip, plain[:, ::-1])
+        else:
+            np.testing.assert_array_equal(with_flip, plain)
+    assert 0 < flipped < 16

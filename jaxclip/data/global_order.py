@@ -5,17 +5,18 @@ dataset is visited in a new random permutation every epoch, and several datasets
 interleaved in proportion to their weights (grain's `MapDataset.mix`). Global batch k is
 positions [k*B, (k+1)*B). Nothing in it depends on processes or data workers.
 
-`GlobalOrderSampler` is the grain sampler that makes a `grain.DataLoader` read that order:
-process p reads rows [p*b, (p+1)*b) of each global batch (b = B / process count), in the
-row order `jax.make_array_from_process_local_data` lays out. grain's DataLoader hands
-data worker w the local records w, w + W, w + 2W, ..., lets each worker batch its own, and
-takes the workers' batches in turn; the sampler undoes that interleaving, so local batch j
-is always global batch j's rows for this process.
+`GlobalOrderSampler` is the grain sampler that makes a `grain.DataLoader` read that order
+a block at a time: block `k * P + p` is process p's rows [p*b, (p+1)*b) of global batch k
+(P processes, b = B / P rows each, the row order `jax.make_array_from_process_local_data`
+lays out). One grain element is one block, built whole by one data worker
+(`pipeline.TrainBatches`); grain hands worker w the local elements w, w + W, w + 2W, ...
+and takes the workers' outputs in turn, so local batch j is always global batch j's rows
+for this process, whatever the number of workers.
 
-The sampler's record key IS the position; the data source (`pipeline.TrainExamples`) turns
-it into an example and draws every random choice about it from the position. A loader can
-start at any global batch (`start_batch`), which is how a checkpoint resumes on any number
-of processes or workers: the position after step N is the start of global batch N.
+The sampler's record key IS the block; the data source turns it into positions, and every
+random choice about an example comes from its position. A loader can start at any global
+batch (`start_batch`), which is how a checkpoint resumes on any number of processes or
+workers: the position after step N is the start of global batch N.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ class MixtureOrder:
 
 
 class GlobalOrderSampler:
-    """A grain sampler: the DataLoader asks for index `i * process_count + process_index`
-    (its i-th local record) and gets, as the record key, this process's matching position
-    in the global order.
+    """A grain sampler: the DataLoader asks for index `j * process_count + process_index`
+    (its j-th local batch) and gets, as the record key, the block of global batch
+    `start_batch + j` that this process reads.
 
     The process index and count (default: JAX's) are fixed at construction, in the main
     process, so worker processes that unpickle the sampler never touch JAX.
@@ -75,16 +76,14 @@ class GlobalOrderSampler:
         self,
         *,
         process_batch: int,
-        worker_count: int = 0,
         start_batch: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if process_batch <= 0 or worker_count < 0 or start_batch < 0:
+        if process_batch <= 0 or start_batch < 0:
             raise ValueError(
-                f"Need a positive batch, worker_count >= 0 and start_batch >= 0; got "
-                f"process_batch={process_batch}, worker_count={worker_count}, "
-                f"start_batch={start_batch}."
+                f"Need a positive batch and start_batch >= 0; got "
+                f"process_batch={process_batch}, start_batch={start_batch}."
             )
         if process_index is None or process_count is None:
             self._shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
@@ -93,7 +92,6 @@ class GlobalOrderSampler:
                 process_index, process_count, drop_remainder=True
             )
         self.process_batch = process_batch
-        self.worker_count = worker_count
         self.start_batch = start_batch
 
     @property
@@ -112,19 +110,16 @@ class GlobalOrderSampler:
     def global_batch(self) -> int:
         return self.process_batch * self.process_count
 
-    def global_position(self, index: int) -> int:
-        """Where the DataLoader's `index` lies in the global order."""
+    def block(self, index: int) -> int:
+        """The block the DataLoader's `index` stands for: its positions are
+        [block * process_batch, (block + 1) * process_batch)."""
         local, process = divmod(index, self.process_count)
-        workers = max(self.worker_count, 1)
-        nth, worker = divmod(local, workers)  # the worker's nth record
-        worker_batch, row = divmod(nth, self.process_batch)
-        batch = worker_batch * workers + worker + self.start_batch  # workers take turns
-        return (batch * self.process_count + process) * self.process_batch + row
+        return (local + self.start_batch) * self.process_count + process
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if index < 0:
             raise IndexError(f"Sampler index must be non-negative, got {index}.")
-        return grain.RecordMetadata(index=index, record_key=self.global_position(index))
+        return grain.RecordMetadata(index=index, record_key=self.block(index))
 
     def __repr__(self) -> str:
         return (

@@ -106,10 +106,11 @@ def random_resized_crop(
     """Training view: random crop resized to size x size, randomly mirrored. uint8 HWC."""
     left, top, w, h = random_resized_crop_box(*image.size, rng, scale, ratio)
     crop = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-    array = np.asarray(crop, dtype=np.uint8)
     if flip and rng.random() < 0.5:
-        array = array[:, ::-1]
-    return np.ascontiguousarray(array)
+        # Mirrored by PIL before the one copy into NumPy: numpy's copy of a reversed view
+        # of 3-byte pixels costs about 7x as much.
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop, dtype=np.uint8)
 
 
 def resize_center_crop(

@@ -2,14 +2,20 @@
 
     MixtureOrder                 position -> (dataset, record): a new permutation of each
                                  dataset every epoch, datasets interleaved by weight
-    GlobalOrderSampler           which positions this process reads, and from which step
-    TrainExamples[position]      (in grain's read threads, inside each data worker)
+    GlobalOrderSampler           which block of a global batch this process reads next
+    TrainBatches[block]          one grain element: the block's rows built whole inside a
+                                 data worker, images written straight into one array in
+                                 shared memory (`data.read_threads` threads per worker)
+      TrainExamples[position]    one row:
         source.load(record)      decode; a bad record is replaced by a stand-in drawn from
                                  the same dataset, and counted
         caption choice, crop     random choices drawn from the position alone
         caption features         tokens + mask (CLIP) or the stored embedding (LIFT)
-    Batch                        this process's rows of one global batch
     BadRecordCounter             main process: totals, warnings, the bad-fraction limit
+
+A grain element is a whole batch rather than an example: grain's per-element bookkeeping,
+the stacking of rows and the copy into shared memory would otherwise cost about a fifth of
+the decode-and-crop work itself (docs/PERFORMANCE.md, "Input pipeline for converted data").
 
 Every random choice about an example comes from its position in the global order, so the
 global batch at step N, its crops, captions and stand-ins are the same whatever the number
@@ -23,6 +29,7 @@ kind of model trains.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
@@ -61,22 +68,23 @@ class CaptionRef:
     text: str
 
 
-CaptionFeatures = Callable[[CaptionRef], dict[str, np.ndarray]]
+# A batch's captions -> its caption fields, one row per caption.
+CaptionFeatures = Callable[[Sequence[CaptionRef]], dict[str, np.ndarray]]
 
 
 class TokenizedCaption:
-    """CLIP: the caption's tokens and mask."""
+    """CLIP: the captions' tokens and masks (one tokenizer call per batch)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, caption: CaptionRef) -> dict[str, np.ndarray]:
-        tokens, mask = self.tokenizer([caption.text])
-        return {"tokens": tokens[0], "mask": mask[0]}
+    def __call__(self, captions: Sequence[CaptionRef]) -> dict[str, np.ndarray]:
+        tokens, mask = self.tokenizer([c.text for c in captions])
+        return {"tokens": tokens, "mask": mask}
 
 
 class StoredCaptionEmbedding:
-    """LIFT: the frozen encoder's embedding of that very caption, from the store.
+    """LIFT: the frozen encoder's embedding of each very caption, from the store.
 
     `stores[d]` is dataset d's `DatasetEmbeddings` (pickled without its memory maps; each
     worker maps the files itself).
@@ -85,9 +93,9 @@ class StoredCaptionEmbedding:
     def __init__(self, stores: Sequence):
         self.stores = list(stores)
 
-    def __call__(self, caption: CaptionRef) -> dict[str, np.ndarray]:
-        row = self.stores[caption.dataset].lookup(caption.record, caption.index, caption.count)
-        return {"text_emb": row}
+    def __call__(self, captions: Sequence[CaptionRef]) -> dict[str, np.ndarray]:
+        rows = [self.stores[c.dataset].lookup(c.record, c.index, c.count) for c in captions]
+        return {"text_emb": np.stack(rows)}
 
 
 class TrainExamples:
@@ -128,10 +136,8 @@ class TrainExamples:
             f"{passed[0]}. Reconvert the dataset with launch/prepare_data.py (docs/data.md)."
         )
 
-    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
-        position = int(position)
-        rng = np.random.Generator(np.random.Philox(key=self.seed + position))
-        dataset, record = self.order[position]
+    def _row(self, dataset: int, record: int, rng: np.random.Generator):
+        """One example's image and caption, and the bad records passed to reach it."""
         record, loaded, passed = self._load(dataset, record, rng)
         # The documented order of draws: caption, then crop box, then flip.
         pick = int(rng.integers(len(loaded.captions))) if self.random_caption else 0
@@ -147,18 +153,98 @@ class TrainExamples:
         else:
             image = np.asarray(loaded.image, np.uint8)
         caption = CaptionRef(dataset, record, pick, len(loaded.captions), loaded.captions[pick])
+        return image, caption, passed
+
+    def batch(self, positions: Sequence[int], allocate=np.empty, map_rows=map) -> dict:
+        """The examples at `positions`, as one batch.
+
+        In three passes: the order and each position's generator for every row, then the
+        rows' images (through `map_rows`, e.g. a thread pool's map), each written into one
+        array from `allocate(shape, dtype)`, then the caption features of all rows in one
+        call. Per-example Python work done between decodes runs several times slower (the
+        decode and resize leave the caches cold), which is why it is gathered into the
+        first and last passes.
+        """
+        plan = [
+            (*self.order[int(p)], np.random.Generator(np.random.Philox(key=self.seed + int(p))))
+            for p in positions
+        ]
+        first_image, *first = self._row(*plan[0])
+        out = allocate((len(plan), *first_image.shape), first_image.dtype)
+        try:
+            out[0] = first_image
+
+            def row(i: int):
+                image, caption, passed = self._row(*plan[i])
+                out[i] = image
+                return caption, passed
+
+            rows = [tuple(first), *map_rows(row, range(1, len(plan)))]
+        except BaseException:
+            if isinstance(out, grain.multiprocessing.SharedMemoryArray):
+                out.unlink_on_del()  # nothing will map it: freed with the array
+            raise
+        captions = [caption for caption, _ in rows]
         return {
-            "image": image,
-            **self.caption_features(caption),
+            "image": out,
+            **self.caption_features(captions),
             # Which record was trained on, numbered across the mixture: data order is
             # checked and logged with it.
-            "index": np.int64(self.offsets[dataset] + record),
-            "bad": np.int32(len(passed)),
-            "bad_reason": passed[0] if passed else "",
+            "index": np.array([self.offsets[c.dataset] + c.record for c in captions], np.int64),
+            "bad": np.array([len(passed) for _, passed in rows], np.int32),
+            "bad_reason": np.array([passed[0] if passed else "" for _, passed in rows]),
         }
+
+    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
+        """One example (a batch of one, unbatched)."""
+        return {name: value[0] for name, value in self.batch([position]).items()}
 
     def __repr__(self) -> str:
         return f"TrainExamples({self.order!r}, {[repr(s) for s in self.sources]})"
+
+
+class TrainBatches:
+    """A grain data source whose element `block` is one process's rows of one global batch:
+    positions [block * rows, (block + 1) * rows) of the global order, as one batch.
+
+    `shared_memory`: allocate the images in shared memory (in a data worker process, whose
+    output grain then hands to the main process without a copy). `threads` > 0 builds the
+    rows in that many threads (decoding and resizing release the GIL).
+    """
+
+    def __init__(
+        self, examples: TrainExamples, rows: int, *, threads: int = 0, shared_memory: bool = False
+    ):
+        self.examples, self.rows = examples, int(rows)
+        self.threads, self.shared_memory = int(threads), bool(shared_memory)
+        self._pool = None
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pool": None}  # each worker process starts its own threads
+
+    def _map(self, fn, items) -> list:
+        if self.threads <= 0:
+            return list(map(fn, items))
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="jaxclip-rows"
+            )
+        return list(self._pool.map(fn, items))
+
+    def _allocate(self, shape, dtype) -> np.ndarray:
+        if self.shared_memory:
+            return grain.multiprocessing.SharedMemoryArray(shape, dtype)
+        return np.empty(shape, dtype)
+
+    def __getitem__(self, block: int) -> dict[str, np.ndarray]:
+        start = int(block) * self.rows
+        return self.examples.batch(range(start, start + self.rows), self._allocate, self._map)
+
+    def __repr__(self) -> str:
+        return f"TrainBatches({self.rows} rows of {self.examples!r})"
 
 
 def train_loader(
@@ -184,22 +270,25 @@ def train_loader(
     )
     sampler = GlobalOrderSampler(
         process_batch=process_batch,
-        worker_count=data_cfg.worker_count,
         start_batch=start_batch,
         process_index=process_index,
         process_count=process_count,
     )
-    threads = int(data_cfg.read_threads)
+    batches = TrainBatches(
+        examples,
+        process_batch,
+        threads=data_cfg.read_threads,
+        shared_memory=data_cfg.worker_count > 0,
+    )
     loader = grain.DataLoader(
-        data_source=examples,
+        data_source=batches,
         sampler=sampler,
-        operations=[grain.transforms.Batch(batch_size=process_batch, drop_remainder=True)],
         worker_count=data_cfg.worker_count,
         worker_buffer_size=data_cfg.prefetch,
         shard_options=sampler.shard_options,
-        read_options=grain.ReadOptions(
-            num_threads=threads, prefetch_buffer_size=max(16, 4 * threads)
-        ),
+        # One element is a whole batch, built by TrainBatches' own threads: grain reads it
+        # in the worker's thread.
+        read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
     )
     limit = bad_records.BadRecordLimit(data_cfg.max_bad_fraction, data_cfg.bad_fraction_min_records)
     return bad_records.BadRecordCounter(iter(loader), limit, totals)

@@ -1,6 +1,6 @@
 """Input-pipeline throughput on JPEG records, against a bare decode-and-crop loop.
 
-`launch/benchmark.py --what=pipeline` uses these: it writes a few hundred 256-px JPEG records,
+`launch/benchmark.py --what=pipeline` uses these: it writes a few thousand 256-px JPEG records,
 times a plain loop that only decodes and crops them with PIL (the floor any pipeline pays),
 then the real training pipeline (`pipeline.train_loader`) with 1 and 2 worker processes
 making CLIP batches (tokenized captions) and with 1 worker making LIFT batches (each
@@ -11,6 +11,7 @@ store lookup alone.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -35,28 +36,45 @@ _SHAPES = ((256, 256), (341, 256), (256, 341))
 LIFT_DIM = 4096  # NV-Embed-v2's dimension (vit_b16_lift): the largest row a LIFT batch reads
 
 
-def write_jpeg_records(directory: str | Path, count: int, seed: int = 0) -> Path:
-    """`count` records of shapes-world scenes, shorter side 256, sensor-like noise, JPEG q95
-    (the converter's default quality).
+def write_jpeg_records(
+    directory: str | Path, count: int, distinct: int = 384, seed: int = 0
+) -> Path:
+    """`count` records cycling through `distinct` shapes-world scenes, shorter side 256,
+    sensor-like noise, JPEG q95 (the converter's default quality).
 
     The noise gives the JPEGs the size and decode cost of photographs (flat synthetic
-    scenes would compress to a few KB and decode unrealistically fast).
+    scenes would compress to a few KB and decode unrealistically fast). `count` sets the
+    dataset's length, which the data order's cost depends on (grain's index shuffle walks
+    cycles: about 45 us a lookup over 384 records, 3 us over 100,000); the images repeat so
+    that writing a realistic length stays quick.
     """
-    world = shapes.ShapesWorld(split="train", num_examples=count, image_size=341, seed=seed)
+    distinct = min(distinct, count)
+    world = shapes.ShapesWorld(split="train", num_examples=distinct, image_size=341, seed=seed)
     rng = np.random.default_rng(seed)
-    encoded = []
-    for i in range(count):
+    scenes = []
+    for i in range(distinct):
         example = world[i]
         width, height = _SHAPES[i % len(_SHAPES)]
         noisy = example["image"].astype(np.float32) + rng.normal(0, 8, (341, 341, 3))
         image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)[:height, :width])
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=95)
-        encoded.append(
-            records.encode_record(example["key"], buffer.getvalue(), [example["caption"]])
-        )
+        scenes.append((example["key"], buffer.getvalue(), example["caption"]))
+    encoded = []
+    for i in range(count):
+        key, jpeg, caption = scenes[i % distinct]
+        encoded.append(records.encode_record(f"{key}-{i // distinct}", jpeg, [caption]))
     records.write_dataset(directory, encoded, name="jpeg256", num_shards=4)
     return Path(directory)
+
+
+def _pin(pid: int, cores: set[int]) -> None:
+    """Every thread of process `pid` (0: this one) onto `cores` (Linux; XLA's and grain's
+    threads exist already, and a process-wide call would move only one of them)."""
+    tasks = Path(f"/proc/{pid or os.getpid()}/task")
+    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.exists() else [pid]:
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            os.sched_setaffinity(tid, cores)
 
 
 def write_store(store_dir: str | Path, source, dim: int) -> embedding_store.DatasetEmbeddings:
@@ -103,8 +121,11 @@ def _cpu_seconds(pids: list[int]) -> float:
 def bare_decode_crop(directory: str | Path, size: int, crop_scale, crop_ratio) -> dict:
     """A loop over every record: read, unpack, PIL decode, random crop resized to `size`.
 
-    Returns images/s (wall clock) and CPU milliseconds per image (robust to a busy machine).
+    Runs on one core, as one pipeline worker does. Returns images/s (wall clock) and CPU
+    milliseconds per image (robust to a busy machine).
     """
+    cores = os.sched_getaffinity(0)
+    _pin(0, {min(cores)})
     source = records.RecordsSource(directory)
     rng = np.random.default_rng(0)
     start, cpu = time.perf_counter(), time.process_time()
@@ -115,10 +136,12 @@ def bare_decode_crop(directory: str | Path, size: int, crop_scale, crop_ratio) -
         box = (left, top, left + w, top + h)
         np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
     count = len(source)
-    return {
+    result = {
         "images_per_s": count / (time.perf_counter() - start),
         "cpu_ms_per_image": 1000 * (time.process_time() - cpu) / count,
     }
+    _pin(0, cores)
+    return result
 
 
 def pipeline_throughput(
@@ -148,6 +171,12 @@ def pipeline_throughput(
     for _ in range(1 + max(workers, 1) * data_cfg.prefetch):
         jax.block_until_ready(normalize(next(iterator)["image"]))
     pids = [p.pid for p in multiprocessing.active_children()]
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = len(pids) == workers and 1 + workers <= len(cores)
+    if pinned:  # a core each: the main process's work does not slow a worker down
+        _pin(0, {cores[0]})
+        for k, pid in enumerate(pids):
+            _pin(pid, {cores[1 + k]})
     start, cpu, cpu_workers = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
     for _ in range(batches):
         jax.block_until_ready(normalize(next(iterator)["image"]))
@@ -157,15 +186,17 @@ def pipeline_throughput(
         "images_per_s": count / seconds,
         "worker_cpu_ms_per_image": 1000 * (_cpu_seconds(pids) - cpu_workers) / count,
         "main_cpu_ms_per_image": 1000 * (time.process_time() - cpu) / count,
+        "pinned": float(pinned),
     }
     iterator.close()
+    _pin(0, set(cores))
     return result
 
 
 def compare(
     data_cfg: ml_collections.ConfigDict,
     *,
-    count: int = 384,
+    count: int = 4096,
     batch_size: int = 32,
     batches: int = 10,
     repeats: int = 3,
@@ -174,7 +205,9 @@ def compare(
     `repeats` interleaved rounds; medians.
 
     Each pipeline worker decodes in one thread (data.read_threads=0), so images/s
-    per worker compares with the single-threaded bare loop. Wall-clock rates swing with the
+    per worker compares with the single-threaded bare loop; where the machine has a core
+    for each, the bare loop, the main process and every worker run on a core of their own
+    (`pinned` in the results). Wall-clock rates swing with the
     machine's load; CPU time per image does much less, so both are reported.
     """
     data_cfg = config_lib.from_dict(data_cfg.to_dict())
