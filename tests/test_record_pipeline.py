@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import grain
 import msgpack
 import numpy as np
 import pytest
@@ -220,6 +221,27 @@ def test_training_view_is_the_crop_an_independent_reference_computes(flip, tmp_p
         np.testing.assert_array_equal(got["mask"], mask[0])
         assert got["index"] == 0 and got["bad"] == 0
     assert set(flipped) == ({True, False} if flip else {False})
+
+
+def test_batches_equal_their_examples_in_or_out_of_shared_memory(clean_dir):
+    """A batch (as a worker builds it, in shared memory, or in the main process) is its
+    positions' examples taken one at a time, row for row; its large arrays leave a worker
+    as shared memory, and the staging array they were built in is reused."""
+    cfg = records_config([clean_dir], **{"data.image_size": 80, "data.augment.flip": True})
+    examples = examples_of(cfg, clean_dir)
+    in_worker = pipeline.TrainBatches(examples, 6, shared_memory=True)
+    in_main = pipeline.TrainBatches(examples, 6, threads=2)
+    for block in (0, 3):
+        shared, plain = in_worker[block], in_main[block]
+        assert isinstance(shared["image"], grain.multiprocessing.SharedMemoryArray)
+        shared["image"].unlink_on_del()
+        assert not isinstance(plain["image"], grain.multiprocessing.SharedMemoryArray)
+        for row, position in enumerate(range(6 * block, 6 * block + 6)):
+            one = examples[position]
+            for name, want in one.items():
+                np.testing.assert_array_equal(shared[name][row], want, err_msg=name)
+                np.testing.assert_array_equal(plain[name][row], want, err_msg=name)
+    assert not np.shares_memory(in_worker[1]["image"], in_worker._staging)
 
 
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):

@@ -49,7 +49,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
                 )
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", tuple(int(s) for s in draft_size))
-            image = image.convert("RGB")  # decodes; raises on truncated data
+            image.load()  # decodes; raises on truncated data
+            if image.mode != "RGB":  # (convert copies even an RGB image)
+                image = image.convert("RGB")
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

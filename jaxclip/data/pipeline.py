@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -171,19 +172,14 @@ class TrainExamples:
         ]
         first_image, *first = self._row(*plan[0])
         out = allocate((len(plan), *first_image.shape), first_image.dtype)
-        try:
-            out[0] = first_image
+        out[0] = first_image
 
-            def row(i: int):
-                image, caption, passed = self._row(*plan[i])
-                out[i] = image
-                return caption, passed
+        def row(i: int):
+            image, caption, passed = self._row(*plan[i])
+            out[i] = image
+            return caption, passed
 
-            rows = [tuple(first), *map_rows(row, range(1, len(plan)))]
-        except BaseException:
-            if isinstance(out, grain.multiprocessing.SharedMemoryArray):
-                out.unlink_on_del()  # nothing will map it: freed with the array
-            raise
+        rows = [tuple(first), *map_rows(row, range(1, len(plan)))]
         captions = [caption for caption, _ in rows]
         return {
             "image": out,
@@ -203,13 +199,45 @@ class TrainExamples:
         return f"TrainExamples({self.order!r}, {[repr(s) for s in self.sources]})"
 
 
+# Arrays of a batch at least this large leave a data worker through `_shared_copy`.
+_SHARED_COPY_MIN_BYTES = 1 << 16
+
+
+def _shared_copy(array: np.ndarray) -> np.ndarray:
+    """`array` copied into a new shared-memory block, which grain passes to the main process
+    by name.
+
+    The copy is written through the block's file (Linux: /dev/shm) in one call, so the
+    kernel fills the fresh pages itself; writing through the mapping instead takes a page
+    fault every 4 KiB, about twice the cost (docs/PERFORMANCE.md). Elsewhere it is copied
+    through the mapping.
+    """
+    out = grain.multiprocessing.SharedMemoryArray(array.shape, array.dtype)
+    try:
+        fd = os.open(f"/dev/shm/{out.shm.name.lstrip('/')}", os.O_WRONLY)
+    except OSError:
+        np.copyto(out, array)
+        return out
+    try:
+        data, done = memoryview(np.ascontiguousarray(array)).cast("B"), 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], done)
+    except BaseException:
+        out.unlink_on_del()  # nothing will map it: freed with the array
+        raise
+    finally:
+        os.close(fd)
+    return out
+
+
 class TrainBatches:
     """A grain data source whose element `block` is one process's rows of one global batch:
     positions [block * rows, (block + 1) * rows) of the global order, as one batch.
 
-    `shared_memory`: allocate the images in shared memory (in a data worker process, whose
-    output grain then hands to the main process without a copy). `threads` > 0 builds the
-    rows in that many threads (decoding and resizing release the GIL).
+    `shared_memory` (in a data worker process): the rows are built in one reused staging
+    array, then the batch's large arrays are copied into shared memory, which grain hands to
+    the main process without another copy. `threads` > 0 builds the rows in that many
+    threads (decoding and resizing release the GIL).
     """
 
     def __init__(
@@ -217,13 +245,14 @@ class TrainBatches:
     ):
         self.examples, self.rows = examples, int(rows)
         self.threads, self.shared_memory = int(threads), bool(shared_memory)
-        self._pool = None
+        self._pool = self._staging = None
 
     def __len__(self) -> int:
         return sys.maxsize
 
     def __getstate__(self):
-        return {**self.__dict__, "_pool": None}  # each worker process starts its own threads
+        # Each worker process starts its own threads and staging array.
+        return {**self.__dict__, "_pool": None, "_staging": None}
 
     def _map(self, fn, items) -> list:
         if self.threads <= 0:
@@ -235,13 +264,20 @@ class TrainBatches:
         return list(self._pool.map(fn, items))
 
     def _allocate(self, shape, dtype) -> np.ndarray:
-        if self.shared_memory:
-            return grain.multiprocessing.SharedMemoryArray(shape, dtype)
-        return np.empty(shape, dtype)
+        if not self.shared_memory:  # the batch itself is handed out: a new array each time
+            return np.empty(shape, dtype)
+        if self._staging is None or self._staging.shape != shape or self._staging.dtype != dtype:
+            self._staging = np.empty(shape, dtype)
+        return self._staging  # copied out before the next batch reuses it
 
     def __getitem__(self, block: int) -> dict[str, np.ndarray]:
         start = int(block) * self.rows
-        return self.examples.batch(range(start, start + self.rows), self._allocate, self._map)
+        batch = self.examples.batch(range(start, start + self.rows), self._allocate, self._map)
+        if self.shared_memory:
+            for name, value in batch.items():
+                if value.nbytes >= _SHARED_COPY_MIN_BYTES and not value.dtype.hasobject:
+                    batch[name] = _shared_copy(value)
+        return batch
 
     def __repr__(self) -> str:
         return f"TrainBatches({self.rows} rows of {self.examples!r})"
