@@ -226,7 +226,7 @@ def test_training_view_is_the_crop_an_independent_reference_computes(flip, tmp_p
 def test_batches_equal_their_examples_in_or_out_of_shared_memory(clean_dir):
     """A batch (as a worker builds it, in shared memory, or in the main process) is its
     positions' examples taken one at a time, row for row; its large arrays leave a worker
-    as shared memory, and the staging array they were built in is reused."""
+    as shared memory, never as the staging array the worker reuses for the next batch."""
     cfg = records_config([clean_dir], **{"data.image_size": 80, "data.augment.flip": True})
     examples = examples_of(cfg, clean_dir)
     in_worker = pipeline.TrainBatches(examples, 6, shared_memory=True)

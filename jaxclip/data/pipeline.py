@@ -4,8 +4,8 @@
                                  dataset every epoch, datasets interleaved by weight
     GlobalOrderSampler           which block of a global batch this process reads next
     TrainBatches[block]          one grain element: the block's rows built whole inside a
-                                 data worker, images written straight into one array in
-                                 shared memory (`data.read_threads` threads per worker)
+                                 data worker (`data.read_threads` threads) into one reused
+                                 array, then written into shared memory in one call
       TrainExamples[position]    one row:
         source.load(record)      decode; a bad record is replaced by a stand-in drawn from
                                  the same dataset, and counted
@@ -13,9 +13,10 @@
         caption features         tokens + mask (CLIP) or the stored embedding (LIFT)
     BadRecordCounter             main process: totals, warnings, the bad-fraction limit
 
-A grain element is a whole batch rather than an example: grain's per-element bookkeeping,
-the stacking of rows and the copy into shared memory would otherwise cost about a fifth of
-the decode-and-crop work itself (docs/PERFORMANCE.md, "Input pipeline for converted data").
+A grain element is a whole batch rather than an example: with one element per example,
+grain's per-element bookkeeping, the stacking of rows and the page faults of writing each
+batch through a fresh shared-memory mapping cost the pipeline a third of a bare decode-and-
+crop loop's throughput (docs/PERFORMANCE.md, "Input pipeline for converted data").
 
 Every random choice about an example comes from its position in the global order, so the
 global batch at step N, its crops, captions and stand-ins are the same whatever the number
